@@ -1,0 +1,1 @@
+"""Checkpoints: atomic saves, resume, and (later) resharding and Hugging Face conversion."""

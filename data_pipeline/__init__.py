@@ -1,0 +1,1 @@
+"""Sources, tokenizers, token shards and the training loader."""

@@ -1,0 +1,62 @@
+"""The text tokenizer: sentencepiece BPE with byte fallback, trained on the text of raw shards."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import sentencepiece as spm
+
+from .raw import SkipCounter, iter_documents
+
+
+class TextTokenizer:
+    """Thin wrapper so the rest of Loom does not depend on sentencepiece's API directly."""
+
+    def __init__(self, model_path: str | Path):
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"text tokenizer not found: {self.path}")
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+
+def train_text_tokenizer(raw_dirs: list[str | Path], out_dir: str | Path, vocab_size: int = 512,
+                         max_sentences: int = 200_000) -> dict:
+    """Train on every text segment of the raw shards; writes `out_dir/text_tokenizer.model`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    skipped = SkipCounter()
+    sentences = []
+    for _, segments in iter_documents(raw_dirs, skipped):
+        sentences += [s.text for s in segments if s.kind == "text" and s.text.strip()]
+        if len(sentences) >= max_sentences:
+            break
+    if not sentences:
+        raise ValueError(f"no text found in {', '.join(map(str, raw_dirs))}")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, model_type="bpe",
+        vocab_size=vocab_size, byte_fallback=True, character_coverage=1.0, hard_vocab_limit=False,
+        # Loom's own special tokens live after the text vocabulary (DESIGN §2); sentencepiece keeps
+        # only <unk>, so its ids are exactly the text pieces.
+        bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0, split_digits=True, num_threads=2,
+        # digits and '*' spell the image grid prefix "{h}*{w}" (DESIGN §2)
+        required_chars="0123456789*",
+        minloglevel=2)
+    path = out_dir / "text_tokenizer.model"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(model.getvalue())
+    tmp.replace(path)
+    tok = TextTokenizer(path)
+    return {"path": str(path), "vocab_size": tok.vocab_size, "sentences": len(sentences),
+            "skipped": skipped.as_dict()}

@@ -1,0 +1,86 @@
+"""The unified vocabulary (DESIGN §2): text pieces, then special tokens, then visual codes.
+
+    ids [0, T)          sentencepiece pieces (byte fallback on)
+        [T, T+S)        special tokens (SPECIAL_TOKENS, in this order)
+        [T+S, T+S+K)    visual codes 0..K-1, named <|visual token 000123|>
+    the model pads the embedding to a multiple of model.vocab_pad_multiple (not part of the layout)
+
+image: <|image start|> "{h}*{w}" <|image token|> row_1 <|eol|> ... row_h <|eol|> <|eof|> <|image end|>
+video: <|video start|> "{t}*{h}*{w}" <|image token|> frame_1 ... frame_t <|video end|>,
+       each frame laid out as the rows of an image followed by <|eof|>
+
+The fingerprint hashes the layout, the sentencepiece model and the VQ weights: token shards and
+checkpoints record it, and training refuses data whose fingerprint differs from the model's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|image start|>", "<|image end|>",
+                  "<|image token|>", "<|eol|>", "<|eof|>", "<|video start|>", "<|video end|>",
+                  *(f"<|reserved {i}|>" for i in range(6)))
+
+# Loss kinds of a target token (the loader's `loss_kind`; 0 means no loss on that position).
+IGNORE, TEXT, IMAGE, VIDEO, VISUAL_STRUCTURE = 0, 1, 2, 3, 4
+LOSS_KIND_NAMES = {TEXT: "text", IMAGE: "image", VIDEO: "video", VISUAL_STRUCTURE: "visual_structure"}
+
+
+@dataclass(frozen=True)
+class VocabLayout:
+    text_size: int
+    codebook_size: int
+    special_tokens: tuple[str, ...] = SPECIAL_TOKENS
+
+    @property
+    def visual_offset(self) -> int:
+        return self.text_size + len(self.special_tokens)
+
+    @property
+    def size(self) -> int:
+        return self.visual_offset + self.codebook_size
+
+    def special(self, name: str) -> int:
+        return self.text_size + self.special_tokens.index(name)
+
+    @property
+    def bos(self) -> int:
+        return self.special("<|bos|>")
+
+    @property
+    def eos(self) -> int:
+        return self.special("<|eos|>")
+
+    def is_visual(self, ids: np.ndarray) -> np.ndarray:
+        return ids >= self.visual_offset
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["special_tokens"] = list(self.special_tokens)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VocabLayout":
+        return cls(d["text_size"], d["codebook_size"], tuple(d["special_tokens"]))
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(layout: VocabLayout, text_model: str | Path, vq_dir: str | Path) -> str:
+    """sha256 over the layout, the text tokenizer file and the VQ weight files (first 16 hex digits)."""
+    h = hashlib.sha256(json.dumps(layout.to_dict(), sort_keys=True).encode())
+    h.update(_file_digest(Path(text_model)).encode())
+    for weights in sorted(Path(vq_dir).glob("*.safetensors")):
+        h.update(_file_digest(weights).encode())
+    return h.hexdigest()[:16]

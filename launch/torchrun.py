@@ -1,0 +1,48 @@
+"""Starting torchrun on the local machine for `loom train` called without it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from data_pipeline.shards import read_json
+from pretrain.config import ConfigError, TrainConfig
+
+
+def inside_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def check_sources(cfg: TrainConfig) -> None:
+    """Refuse missing token directories before any process starts."""
+    for name, src in cfg.data.sources.items():
+        if not os.path.isdir(src.path):
+            raise ConfigError(f"data.sources.{name}.path: directory not found: {src.path}")
+        if not os.path.isfile(os.path.join(src.path, "manifest.json")):
+            raise ConfigError(f"data.sources.{name}.path: {src.path} has no manifest.json; "
+                              f"write token shards there with `loom data tokenize`")
+        read_json(os.path.join(src.path, "manifest.json"))
+
+
+def run_torchrun(loom_argv: list[str], nproc: int) -> int:
+    """torchrun --standalone with `nproc` processes, each running `python -m launch.cli loom_argv`."""
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "launch.cli", *loom_argv]
+    # torchrun's agent answers a failed worker with its own traceback; the workers have already
+    # printed their one-line error, so keep only the agent's last line.
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
+    agent_noise = False
+    for line in proc.stderr:
+        if line.startswith("Traceback") and not line.startswith("[rank"):
+            agent_noise = True
+        if not agent_noise or "--debug" in loom_argv:
+            sys.stderr.write(line)
+    code = proc.wait()
+    if code and agent_noise and "--debug" not in loom_argv:
+        sys.stderr.write(f"loom: {nproc} training processes exited with an error (exit code {code}); "
+                         f"rerun with --debug for tracebacks\n")
+    return code

@@ -1,0 +1,1 @@
+"""The model, parallelism, training loop and config."""

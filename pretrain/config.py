@@ -1,0 +1,332 @@
+"""One typed config tree for training, loaded from YAML with dotted `key=value` overrides.
+
+Every field carries its documentation in `metadata["doc"]`; `loom config show` prints it and
+validation errors quote it, so a user learns what a field means where they got it wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user: which field, what is wrong, what to change."""
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING):
+    """A dataclass field with its documentation attached."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class ModelConfig:
+    preset: str = doc("'emu3' (plain Llama) or 'chameleon' (turns on qk_norm, swin_norm and z_loss).",
+                      "emu3")
+    dim: int = doc("Width of the residual stream.", 128)
+    n_layers: int = doc("Number of transformer blocks.", 4)
+    n_heads: int = doc("Query heads; must be divisible by parallel.tp.", 4)
+    n_kv_heads: int = doc("Key/value heads (grouped-query attention); divides n_heads and is "
+                          "divisible by parallel.tp.", 2)
+    ffn_dim: int = doc("Hidden width of the SwiGLU MLP; divisible by parallel.tp.", 352)
+    rope_theta: float = doc("RoPE base frequency.", 10000.0)
+    norm_eps: float = doc("Epsilon of RMSNorm and of the qk LayerNorm.", 1e-5)
+    init_std: float = doc("Standard deviation of the normal weight initialisation.", 0.02)
+    qk_norm: bool | None = doc("LayerNorm with bias over head_dim on queries and keys, per head "
+                               "(Chameleon). null: from the preset.", None)
+    swin_norm: bool | None = doc("Normalise the output of attention and MLP before the residual add "
+                                 "(Chameleon). null: from the preset.", None)
+    z_loss: float | None = doc("Coefficient of logsumexp(logits)^2 added to the loss. null: from "
+                               "the preset (1e-5 for chameleon, 0 for emu3).", None)
+    vocab_size: int = doc("Unpadded vocabulary size. 0: read from the token shards' manifest.", 0)
+    vocab_pad_multiple: int = doc("The embedding and output rows are padded to a multiple of this; "
+                                  "keep it divisible by parallel.tp. Independent of TP so that a "
+                                  "layout change keeps the same model.", 128)
+
+    def resolve_preset(self) -> None:
+        chameleon = self.preset == "chameleon"
+        if self.qk_norm is None:
+            self.qk_norm = chameleon
+        if self.swin_norm is None:
+            self.swin_norm = chameleon
+        if self.z_loss is None:
+            self.z_loss = 1e-5 if chameleon else 0.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_pad_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+
+@dataclass
+class SourceConfig:
+    path: str = doc("Directory of token shards (with manifest.json) written by `loom data tokenize`.")
+    weight: float = doc("Mixing weight: the share of documents drawn from this source.", 1.0)
+
+
+@dataclass
+class DataConfig:
+    sources: dict[str, SourceConfig] = doc("Named token-shard sources to mix.", factory=dict)
+    seq_len: int = doc("Tokens per packed training sequence.", 256)
+    micro_batch_size: int = doc("Sequences per data-parallel rank per micro-step.", 4)
+    num_workers: int = doc("DataLoader worker processes per rank (0: read in the training process).", 0)
+    seed: int = doc("Seed of shard shuffling and source mixing.", 1234)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = doc("Tensor-parallel size (megatron-core layers).", 1)
+    pp: int = doc("Pipeline-parallel size.", 1)
+    zero_stage: int = doc("DeepSpeed ZeRO stage, 0 to 3.", 1)
+    nproc_per_node: int = doc("Processes per node when `loom train` starts torchrun itself.", 2)
+    backend: str = doc("torch.distributed backend: 'auto' (nccl with CUDA, else gloo), 'nccl', 'gloo'.",
+                       "auto")
+    bf16: bool = doc("Train in bf16 through DeepSpeed's bf16 mode (fp32 master weights).", False)
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = doc("Peak learning rate of AdamW.", 3e-3)
+    weight_decay: float = doc("AdamW weight decay (not applied to norms).", 0.1)
+    beta1: float = doc("AdamW beta1.", 0.9)
+    beta2: float = doc("AdamW beta2.", 0.95)
+    eps: float = doc("AdamW epsilon.", 1e-8)
+    grad_clip: float = doc("Clip the global gradient norm to this (0: off).", 1.0)
+
+
+@dataclass
+class ScheduleConfig:
+    steps: int = doc("Optimizer steps to train.", 200)
+    warmup_steps: int = doc("Linear warmup steps from 0 to optimizer.lr.", 20)
+    min_lr_ratio: float = doc("Cosine decay ends at this fraction of optimizer.lr.", 0.1)
+    grad_accum_steps: int = doc("Micro-batches accumulated per optimizer step.", 1)
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = doc("Save every this many steps (and always at the end). 0: only at the end.", 100)
+    keep_last: int = doc("Complete checkpoints kept; older ones are deleted after a new one completes.", 2)
+    resume: bool = doc("Resume from the latest complete checkpoint in out_dir if there is one.", True)
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = doc("Print and log scalars every this many steps.", 10)
+    tensorboard: bool = doc("Write TensorBoard event files under out_dir/tensorboard.", True)
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = doc("Run directory: checkpoints, metrics.jsonl, TensorBoard logs, config.yaml.",
+                       "runs/default")
+    seed: int = doc("Seed of model initialisation.", 0)
+    model: ModelConfig = doc("The transformer.", factory=ModelConfig)
+    data: DataConfig = doc("Token sources, packing and batch shape.", factory=DataConfig)
+    parallel: ParallelConfig = doc("Parallel layout and precision.", factory=ParallelConfig)
+    optimizer: OptimizerConfig = doc("AdamW.", factory=OptimizerConfig)
+    schedule: ScheduleConfig = doc("Steps, warmup and cosine decay.", factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = doc("Saving and resuming.", factory=CheckpointConfig)
+    logging: LoggingConfig = doc("Console and TensorBoard.", factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp` and convert it (int -> float, dict -> dataclass)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return build(tp, value, where)
+    if origin is dict:
+        key_t, val_t = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(k, key_t, where): _coerce(v, val_t, f"{where}.{k}") for k, v in value.items()}
+    if origin is list:
+        (item_t,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_t, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and
+                                              not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def build(cls: type, values: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, refusing unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{where}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], where)
+    for f in dataclasses.fields(cls):
+        if f.name not in kwargs and f.default is dataclasses.MISSING and \
+                f.default_factory is dataclasses.MISSING:
+            where = f"{prefix}.{f.name}" if prefix else f.name
+            raise ConfigError(f"missing config key '{where}': {f.metadata.get('doc', '')}")
+    return cls(**kwargs)
+
+
+def apply_override(tree: dict, override: str) -> None:
+    """Apply one `a.b.c=value` override; the value is parsed as YAML (numbers, bools, null, lists)."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' is not of the form key=value "
+                          f"(e.g. optimizer.lr=3e-4)")
+    key, raw = override.split("=", 1)
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{override}': '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_tree(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for override in overrides:
+        apply_override(tree, override)
+    return tree
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def describe(cls: type = TrainConfig, prefix: str = "") -> list[str]:
+    """One line per field: dotted name, default, documentation."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{name}: {f.metadata.get('doc', '')}")
+            lines += describe(tp, name + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+            lines.append(f"  {name} = {default!r}  # {f.metadata.get('doc', '')}")
+    return lines
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
+    """Cross-field checks, run before any process group or file is created."""
+    m, p, d, s = cfg.model, cfg.parallel, cfg.data, cfg.schedule
+    if m.preset not in ("emu3", "chameleon"):
+        raise ConfigError(f"model.preset: '{m.preset}' is not a preset; use 'emu3' or 'chameleon'")
+    m.resolve_preset()
+    positive = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
+                "model.n_kv_heads": m.n_kv_heads, "model.ffn_dim": m.ffn_dim, "data.seq_len": d.seq_len,
+                "data.micro_batch_size": d.micro_batch_size, "parallel.tp": p.tp, "parallel.pp": p.pp,
+                "schedule.steps": s.steps, "schedule.grad_accum_steps": s.grad_accum_steps,
+                "parallel.nproc_per_node": p.nproc_per_node, "checkpoint.keep_last": cfg.checkpoint.keep_last}
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if m.dim % m.n_heads:
+        raise ConfigError(f"model.dim ({m.dim}) must be divisible by model.n_heads ({m.n_heads})")
+    if m.head_dim % 2:
+        raise ConfigError(f"model.dim / model.n_heads = {m.head_dim} must be even for RoPE")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads "
+                          f"({m.n_kv_heads})")
+    for name, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads),
+                        ("model.ffn_dim", m.ffn_dim), ("model.vocab_pad_multiple", m.vocab_pad_multiple)):
+        if value % p.tp:
+            raise ConfigError(f"{name} ({value}) must be divisible by parallel.tp ({p.tp}); "
+                              f"change one of them")
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
+    if p.pp > 1 and p.zero_stage > 1:
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed's "
+                          f"pipeline engine supports ZeRO 0 or 1 only; set parallel.zero_stage=1 or "
+                          f"parallel.pp=1")
+    if p.pp > 1:
+        raise ConfigError(f"parallel.pp={p.pp}: pipeline parallelism is not available in this version; "
+                          f"set parallel.pp=1")
+    if p.backend not in ("auto", "nccl", "gloo"):
+        raise ConfigError(f"parallel.backend must be 'auto', 'nccl' or 'gloo', got '{p.backend}'")
+    if s.warmup_steps < 0 or s.warmup_steps > s.steps:
+        raise ConfigError(f"schedule.warmup_steps ({s.warmup_steps}) must be between 0 and "
+                          f"schedule.steps ({s.steps})")
+    if not 0 <= s.min_lr_ratio <= 1:
+        raise ConfigError(f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
+    if not d.sources:
+        raise ConfigError("data.sources is empty: add at least one token-shard directory, e.g. "
+                          "data.sources.shapes.path=runs/quickstart/tokens")
+    for name, src in d.sources.items():
+        if src.weight <= 0:
+            raise ConfigError(f"data.sources.{name}.weight must be > 0, got {src.weight}")
+    if world_size is not None:
+        if world_size % (p.tp * p.pp):
+            raise ConfigError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp "
+                              f"= {p.tp} x {p.pp}; change the number of processes or the layout")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), world_size: int | None = None
+                ) -> TrainConfig:
+    cfg = build(TrainConfig, load_tree(path, overrides))
+    validate(cfg, world_size)
+    return cfg

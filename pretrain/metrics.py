@@ -1,0 +1,69 @@
+"""Console, metrics.jsonl and TensorBoard logging, written by global rank 0 only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from data_pipeline.vocab import LOSS_KIND_NAMES
+
+
+def losses_by_kind(sums) -> dict:
+    """(2, kinds) [loss sum, count] -> {'total': mean, 'text': mean, ...} for kinds that occur."""
+    loss_sum, count = sums[0].tolist(), sums[1].tolist()
+    out = {"total": sum(loss_sum[1:]) / max(sum(count[1:]), 1)}
+    for kind, name in LOSS_KIND_NAMES.items():
+        if count[kind] > 0:
+            out[name] = loss_sum[kind] / count[kind]
+    return out
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, active: bool, tensorboard: bool, resume_step: int):
+        self.active = active
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.writer = None
+        if not active:
+            return
+        if self.path.exists():
+            # drop records of steps after the checkpoint we resume from: they are trained again
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
+
+    def log(self, step: int, record: dict) -> None:
+        if not self.active:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **record}) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, dict):
+                    for sub, v in value.items():
+                        self.writer.add_scalar(f"{key}/{sub}", v, step)
+                elif isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def summarize(records: list[dict], last: int = 10) -> dict:
+    """Initial loss (first step) and final loss (mean of the last `last` steps) per modality."""
+    if not records:
+        return {}
+    tail = records[-last:]
+    kinds = set(records[0]["loss"]) & set.intersection(*(set(r["loss"]) for r in tail))
+    return {"steps": records[-1]["step"],
+            "initial_loss": {k: records[0]["loss"][k] for k in sorted(kinds)},
+            "final_loss": {k: sum(r["loss"][k] for r in tail) / len(tail) for k in sorted(kinds)},
+            "consumed_tokens": records[-1]["consumed_tokens"]}

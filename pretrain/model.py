@@ -1,0 +1,200 @@
+"""The unified decoder-only transformer (DESIGN §4), built from megatron-core tensor-parallel layers.
+
+Llama-like: RMSNorm, RoPE, SwiGLU, grouped-query attention, untied embeddings, no biases. The
+chameleon preset adds qk-norm (LayerNorm with bias over head_dim, per head), swin-norm and z-loss.
+
+Tensors are sequence-first, megatron's convention: s = sequence, b = batch, d = model width,
+h = local heads (n_heads / TP), g = local kv heads, hd = head_dim, v = local vocabulary shard.
+The megatron layers split themselves along the TP group; this file has no other parallel code.
+Weights are initialised on the CPU as whole matrices and then split (megatron's
+`use_cpu_initialization`), so every layout starts from the same model for the same seed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.model_parallel_config import ModelParallelConfig
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class HeadLayerNorm(nn.Module):
+    """Chameleon's qk-norm: LayerNorm over head_dim with a separate weight and bias per head.
+
+    Holds the rows of the local heads; TP shards it along the head dimension like the attention.
+    """
+
+    def __init__(self, local_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(local_heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(local_heads, head_dim))
+        for p in (self.weight, self.bias):
+            tensor_parallel.set_tensor_model_parallel_attributes(p, True, 0, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., heads, hd)
+        x = F.layer_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x)
+        return x * self.weight + self.bias
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (b, s) -> cos, sin (b, 1, s, hd), the Llama/HF convention (halves, not pairs)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device)
+                               / head_dim)
+    freqs = positions.float()[..., None] * inv_freq                    # (b, s, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]                   # (b, 1, s, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
+
+
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """doc_ids (b, s) -> bool (b, 1, s, s): query i sees key j iff same document and j <= i."""
+    s = doc_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
+    return (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None] & causal
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, init, out_init):
+        super().__init__()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.head_dim, self.q_per_kv = cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
+        self.local_kv = cfg.n_kv_heads // tp
+        # Fused QKV, grouped by kv head: [q of group 0, k_0, v_0, q of group 1, ...], so a
+        # contiguous TP split hands each rank whole groups whatever the TP size.
+        self.qkv = tensor_parallel.ColumnParallelLinear(
+            cfg.dim, cfg.n_kv_heads * (self.q_per_kv + 2) * cfg.head_dim, config=mp, init_method=init,
+            bias=False, gather_output=False)
+        self.out = tensor_parallel.RowParallelLinear(
+            cfg.n_heads * cfg.head_dim, cfg.dim, config=mp, init_method=out_init, bias=False,
+            input_is_parallel=True, skip_bias_add=False)
+        self.q_norm = HeadLayerNorm(self.local_kv * self.q_per_kv, cfg.head_dim, cfg.norm_eps) \
+            if cfg.qk_norm else None
+        self.k_norm = HeadLayerNorm(self.local_kv, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        s, b, _ = x.shape
+        qkv, _ = self.qkv(x)                                               # (s, b, g*(q_per_kv+2)*hd)
+        qkv = qkv.view(s, b, self.local_kv, self.q_per_kv + 2, self.head_dim)
+        q = qkv[:, :, :, :self.q_per_kv].reshape(s, b, -1, self.head_dim)   # (s, b, h, hd)
+        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]                         # (s, b, g, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))              # (b, heads, s, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (b, h, s, hd)
+        y = y.permute(2, 0, 1, 3).reshape(s, b, -1)                        # (s, b, h*hd)
+        out, _ = self.out(y)                                               # (s, b, d), summed over TP
+        return out
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, init, out_init):
+        super().__init__()
+        # gate and up are separate column-parallel layers: a fused [gate; up] matrix would mean a
+        # different function for each TP size.
+        self.gate = tensor_parallel.ColumnParallelLinear(cfg.dim, cfg.ffn_dim, config=mp, init_method=init,
+                                                         bias=False, gather_output=False)
+        self.up = tensor_parallel.ColumnParallelLinear(cfg.dim, cfg.ffn_dim, config=mp, init_method=init,
+                                                       bias=False, gather_output=False)
+        self.down = tensor_parallel.RowParallelLinear(cfg.ffn_dim, cfg.dim, config=mp, init_method=out_init,
+                                                      bias=False, input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:                   # x: (s, b, d)
+        gate, _ = self.gate(x)                                             # (s, b, ffn/tp)
+        up, _ = self.up(x)
+        out, _ = self.down(F.silu(gate) * up)                              # (s, b, d)
+        return out
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, init, out_init):
+        super().__init__()
+        self.swin_norm = cfg.swin_norm
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, mp, init, out_init)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg, mp, init, out_init)
+
+    def forward(self, x, cos, sin, mask):                                  # x: (s, b, d)
+        if self.swin_norm:  # Chameleon: normalise each sublayer's output before the residual add
+            h = x + self.attn_norm(self.attn(x, cos, sin, mask))
+            return h + self.mlp_norm(self.mlp(h))
+        h = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+        super().__init__()
+        self.cfg = cfg
+        init = lambda w: nn.init.normal_(w, 0.0, cfg.init_std)  # noqa: E731
+        out_init = lambda w: nn.init.normal_(w, 0.0, cfg.init_std / math.sqrt(2 * cfg.n_layers))  # noqa: E731
+        self.embed = tensor_parallel.VocabParallelEmbedding(cfg.padded_vocab_size, cfg.dim, config=mp,
+                                                            init_method=init)
+        self.blocks = nn.ModuleList(Block(cfg, mp, init, out_init) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = tensor_parallel.ColumnParallelLinear(cfg.dim, cfg.padded_vocab_size, config=mp,
+                                                           init_method=init, bias=False, gather_output=False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+        """tokens, positions, doc_ids (b, s) -> logits of the local vocabulary shard (s, b, v)."""
+        x = self.embed(tokens).transpose(0, 1).contiguous()                # (s, b, d)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        mask = document_causal_mask(doc_ids)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask)
+        logits, _ = self.output(self.norm(x))                              # (s, b, v)
+        return logits
+
+
+def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the full vocabulary when each TP rank holds a shard: (s, b, v) -> (s, b)."""
+    local_max = logits.max(dim=-1).values.detach()
+    global_max = local_max.clone()
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(global_max, op=torch.distributed.ReduceOp.MAX,
+                                     group=parallel_state.get_tensor_model_parallel_group())
+    sum_exp = (logits - global_max[..., None]).exp().sum(dim=-1)
+    sum_exp = tensor_parallel.reduce_from_tensor_model_parallel_region(sum_exp)
+    return sum_exp.log() + global_max
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_kind: torch.Tensor, z_loss: float,
+            num_kinds: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over positions with loss_kind > 0 (+ z-loss), and per-kind sums.
+
+    logits (s, b, v) local shard; targets, loss_kind (b, s). Returns the scalar loss and a
+    (2, num_kinds) tensor of [loss sum, token count] per kind, for exact logging across ranks.
+    """
+    targets, loss_kind = targets.t().contiguous(), loss_kind.t().contiguous()  # (s, b)
+    per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets)  # (s, b)
+    valid = (loss_kind > 0).float()
+    count = valid.sum().clamp(min=1)
+    loss = (per_token * valid).sum() / count
+    if z_loss:
+        loss = loss + z_loss * (vocab_parallel_logsumexp(logits.float()).pow(2) * valid).sum() / count
+    with torch.no_grad():
+        kind_onehot = F.one_hot(loss_kind.long(), num_kinds).float()      # (s, b, kinds)
+        sums = torch.stack([(per_token.detach()[..., None] * kind_onehot).sum((0, 1)), kind_onehot.sum((0, 1))])
+    return loss, sums

@@ -1,0 +1,146 @@
+"""Process groups and `parallelize`: the one place where parallelism is applied to the model.
+
+DESIGN §5: megatron-core owns the process groups (`initialize_model_parallel`, rank order
+tp-cp-ep-dp-pp) and the tensor-parallel layers; DeepSpeed owns data parallelism, ZeRO, bf16,
+gradient clipping and accumulation. DeepSpeed sees megatron's groups through `MegatronMPU`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .config import TrainConfig
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402  (reads DS_ACCELERATOR at import)
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.model_parallel_config import ModelParallelConfig  # noqa: E402
+
+from .model import Transformer  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Layout:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp: int
+    pp: int
+    dp: int
+    dp_rank: int
+    device: torch.device
+
+
+def init_distributed(cfg: TrainConfig) -> Layout:
+    """torch.distributed from torchrun's environment, then megatron's TP/PP/DP groups."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=10))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    p = cfg.parallel
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp)
+    return Layout(rank, world, local_rank, p.tp, p.pp, world // (p.tp * p.pp),
+                  parallel_state.get_data_parallel_rank(), device)
+
+
+def destroy_distributed() -> None:
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class MegatronMPU:
+    """megatron's parallel_state under the names DeepSpeed's engine asks for (`mpu=`)."""
+
+    def __getattr__(self, name):
+        return getattr(parallel_state, name)
+
+    def get_model_parallel_rank(self) -> int:
+        return parallel_state.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return parallel_state.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return parallel_state.get_tensor_model_parallel_group()
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(parallel_state.get_data_parallel_group())
+
+
+def megatron_config(cfg: TrainConfig) -> ModelParallelConfig:
+    return ModelParallelConfig(
+        tensor_model_parallel_size=cfg.parallel.tp, pipeline_model_parallel_size=cfg.parallel.pp,
+        # Whole weights are initialised on the CPU and then split: the same model for any layout.
+        use_cpu_initialization=True, perform_initialization=True, params_dtype=torch.float32,
+        gradient_accumulation_fusion=False)
+
+
+def lr_lambda(cfg: TrainConfig):
+    s = cfg.schedule
+
+    def factor(step: int) -> float:
+        if s.warmup_steps and step < s.warmup_steps:
+            return (step + 1) / s.warmup_steps
+        progress = min(1.0, (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps))
+        cosine = 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
+        return s.min_lr_ratio + (1 - s.min_lr_ratio) * cosine
+    return factor
+
+
+def deepspeed_config(cfg: TrainConfig, layout: Layout) -> dict:
+    d, p, s = cfg.data, cfg.parallel, cfg.schedule
+    return {
+        "train_micro_batch_size_per_gpu": d.micro_batch_size,
+        "gradient_accumulation_steps": s.grad_accum_steps,
+        "train_batch_size": d.micro_batch_size * s.grad_accum_steps * layout.dp,
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        "zero_optimization": {"stage": p.zero_stage},
+        "bf16": {"enabled": p.bf16},
+        # torch's AdamW: DeepSpeed's fused Adam needs CUDA, and it is the same update.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10 ** 9,
+    }
+
+
+def parallelize(cfg: TrainConfig, layout: Layout):
+    """Build the model and apply parallelism, in this order:
+
+    1. tensor parallelism: the megatron-core layers shard themselves over the TP group as they are
+       built (whole-matrix CPU init, then split), so construction happens under a fixed seed;
+    2. placement on the device;
+    3. data parallelism, ZeRO, bf16, clipping and accumulation: DeepSpeed's engine, which sees
+       megatron's groups through MegatronMPU.
+    Returns the DeepSpeed engine (its `.module` is the Transformer).
+    """
+    torch.manual_seed(cfg.seed)
+    model = Transformer(cfg.model, megatron_config(cfg))
+    model.to(layout.device)
+    no_decay = [p for n, p in model.named_parameters() if "norm" in n]
+    decay = [p for n, p in model.named_parameters() if "norm" not in n]
+    o = cfg.optimizer
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, layout), mpu=MegatronMPU())
+    return engine

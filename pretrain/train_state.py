@@ -1,0 +1,53 @@
+"""Everything needed to continue a run, besides model and optimizer (DeepSpeed saves those)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    """Optimizer steps completed."""
+    consumed_tokens: dict = field(default_factory=lambda: {"text": 0, "image": 0, "video": 0,
+                                                           "visual_structure": 0, "total": 0})
+    """Loss-bearing tokens consumed across all data-parallel ranks, per modality."""
+    loader: dict | None = None
+    """This rank's TokenLoader.state_dict(): its position in every source."""
+    fingerprint: str = ""
+    """Vocabulary fingerprint of the data the run was trained on."""
+
+    def shared(self) -> dict:
+        """The part equal on every rank."""
+        return {"step": self.step, "consumed_tokens": dict(self.consumed_tokens), "fingerprint": self.fingerprint}
+
+    def per_rank(self) -> dict:
+        return {"loader": self.loader, "rng": rng_state()}
+
+    @classmethod
+    def restore(cls, shared: dict, per_rank: dict) -> "TrainState":
+        set_rng_state(per_rank["rng"])
+        return cls(step=shared["step"], consumed_tokens=dict(shared["consumed_tokens"]),
+                   loader=per_rank["loader"], fingerprint=shared["fingerprint"])
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
