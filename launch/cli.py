@@ -95,7 +95,7 @@ def cmd_tokenize(args) -> int:
 def cmd_quickstart(args) -> int:
     from .quickstart import quickstart
 
-    return quickstart(args.out, args.docs, args.steps, force=args.force)
+    return quickstart(args.out, args.docs, args.steps, args.vq_steps, force=args.force)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
     p.add_argument("--docs", type=int, default=3000, help="documents to synthesize")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    p.add_argument("--vq-steps", type=int, default=None, help="visual tokenizer training steps (default 150)")
     p.add_argument("--force", action="store_true", help="redo stages that are already done")
     p.set_defaults(func=cmd_quickstart)
 
@@ -165,6 +166,9 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
     warnings.filterwarnings("ignore", message=".*_get_global_rank.* is deprecated")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:

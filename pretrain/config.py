@@ -128,6 +128,15 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    sources: dict[str, SourceConfig] = doc("Held-out token-shard sources (weights mix them as in data). "
+                                           "Empty: no evaluation.", factory=dict)
+    interval: int = doc("Evaluate every this many steps, before the first step and at the end. "
+                        "0: only before the first step and at the end.", 0)
+    batches: int = doc("Micro-batches per data-parallel rank in one evaluation (always the same ones).", 8)
+
+
+@dataclass
 class TrainConfig:
     out_dir: str = doc("Run directory: checkpoints, metrics.jsonl, TensorBoard logs, config.yaml.",
                        "runs/default")
@@ -138,6 +147,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = doc("AdamW.", factory=OptimizerConfig)
     schedule: ScheduleConfig = doc("Steps, warmup and cosine decay.", factory=ScheduleConfig)
     checkpoint: CheckpointConfig = doc("Saving and resuming.", factory=CheckpointConfig)
+    eval: EvalConfig = doc("Loss per modality on held-out data.", factory=EvalConfig)
     logging: LoggingConfig = doc("Console and TensorBoard.", factory=LoggingConfig)
 
 
@@ -316,9 +326,12 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     if not d.sources:
         raise ConfigError("data.sources is empty: add at least one token-shard directory, e.g. "
                           "data.sources.shapes.path=runs/quickstart/tokens")
-    for name, src in d.sources.items():
-        if src.weight <= 0:
-            raise ConfigError(f"data.sources.{name}.weight must be > 0, got {src.weight}")
+    for section, sources in (("data", d.sources), ("eval", cfg.eval.sources)):
+        for name, src in sources.items():
+            if src.weight <= 0:
+                raise ConfigError(f"{section}.sources.{name}.weight must be > 0, got {src.weight}")
+    if cfg.eval.sources and cfg.eval.batches < 1:
+        raise ConfigError(f"eval.batches must be >= 1 when eval.sources is set, got {cfg.eval.batches}")
     if world_size is not None:
         if world_size % (p.tp * p.pp):
             raise ConfigError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp "

@@ -58,12 +58,18 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def summarize(records: list[dict], last: int = 10) -> dict:
-    """Initial loss (first step) and final loss (mean of the last `last` steps) per modality."""
-    if not records:
+    """Training loss per modality at the first step and averaged over the last `last` steps, and
+    held-out loss before training and at the end, where the run evaluated."""
+    train = [r for r in records if "loss" in r]
+    if not train:
         return {}
-    tail = records[-last:]
-    kinds = set(records[0]["loss"]) & set.intersection(*(set(r["loss"]) for r in tail))
-    return {"steps": records[-1]["step"],
-            "initial_loss": {k: records[0]["loss"][k] for k in sorted(kinds)},
-            "final_loss": {k: sum(r["loss"][k] for r in tail) / len(tail) for k in sorted(kinds)},
-            "consumed_tokens": records[-1]["consumed_tokens"]}
+    tail = train[-last:]
+    kinds = set(train[0]["loss"]) & set.intersection(*(set(r["loss"]) for r in tail))
+    summary = {"steps": train[-1]["step"],
+               "initial_loss": {k: train[0]["loss"][k] for k in sorted(kinds)},
+               "final_loss": {k: sum(r["loss"][k] for r in tail) / len(tail) for k in sorted(kinds)},
+               "consumed_tokens": train[-1]["consumed_tokens"]}
+    evals = [r for r in records if "eval_loss" in r]
+    if len(evals) >= 2:
+        summary["initial_eval_loss"], summary["final_eval_loss"] = evals[0]["eval_loss"], evals[-1]["eval_loss"]
+    return summary

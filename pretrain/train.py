@@ -14,6 +14,7 @@ from checkpoints_utils import checkpoint
 from data_pipeline.loader import Source, TokenLoader, read_manifest_fingerprints
 from data_pipeline.vocab import LOSS_KIND_NAMES
 from .config import ConfigError, TrainConfig, dump_yaml, validate
+from .evaluate import evaluate
 from .metrics import MetricsLogger, losses_by_kind, read_metrics, summarize
 from .model import lm_loss
 from .parallel import destroy_distributed, init_distributed, parallelize
@@ -22,19 +23,20 @@ from .train_state import TrainState
 
 def open_sources(cfg: TrainConfig):
     sources = [Source.open(name, s.path, s.weight) for name, s in cfg.data.sources.items()]
-    fingerprint, layout = read_manifest_fingerprints(sources)
+    eval_sources = [Source.open(name, s.path, s.weight) for name, s in cfg.eval.sources.items()]
+    fingerprint, layout = read_manifest_fingerprints(sources + eval_sources)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = layout.size
     elif cfg.model.vocab_size != layout.size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but the data's vocabulary has "
                           f"{layout.size} ids; set model.vocab_size=0 to take it from the data")
-    return sources, fingerprint, layout
+    return sources, eval_sources, fingerprint, layout
 
 
 def train(cfg: TrainConfig) -> dict:
     layout = init_distributed(cfg)
     validate(cfg, layout.world_size)
-    sources, fingerprint, vocab = open_sources(cfg)
+    sources, eval_sources, fingerprint, vocab = open_sources(cfg)
     run_dir = Path(cfg.out_dir)
     if layout.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -52,6 +54,15 @@ def train(cfg: TrainConfig) -> dict:
         loader.load_state_dict(state.loader)
         log(layout, f"resumed from {checkpoint.checkpoint_dir(run_dir) / tag} at step {state.step}")
     metrics = MetricsLogger(run_dir, layout.rank == 0, cfg.logging.tensorboard, state.step)
+
+    def run_eval():
+        if eval_sources:
+            losses = evaluate(engine, cfg, eval_sources, vocab, layout)
+            metrics.log(state.step, {"eval_loss": losses})
+            log(layout, f"eval at step {state.step} | " + " ".join(f"{k} {v:.3f}" for k, v in losses.items()))
+
+    if state.step == 0:
+        run_eval()
     dp_group = parallel_state.get_data_parallel_group()
     tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.schedule.grad_accum_steps * layout.dp
     while state.step < cfg.schedule.steps:
@@ -79,6 +90,8 @@ def train(cfg: TrainConfig) -> dict:
             losses = " ".join(f"{k} {v:.3f}" for k, v in record["loss"].items())
             log(layout, f"step {state.step}/{cfg.schedule.steps} | loss {losses} | lr {record['lr']:.2e} | "
                         f"grad norm {record['grad_norm']:.2f} | {record['tokens_per_s']:.0f} tok/s")
+        if state.step == cfg.schedule.steps or (cfg.eval.interval and state.step % cfg.eval.interval == 0):
+            run_eval()
         interval = cfg.checkpoint.interval
         if state.step == cfg.schedule.steps or (interval and state.step % interval == 0):
             tag = checkpoint.save(engine, run_dir, state, cfg, cfg.checkpoint.keep_last)
