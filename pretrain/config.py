@@ -211,7 +211,8 @@ def build(cls: type, values: dict, prefix: str = "") -> Any:
         where = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
+            section = f"{prefix}." if prefix else ""
+            hint = f" (did you mean '{section}{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key '{where}'{hint}")
         kwargs[key] = _coerce(value, hints[key], where)
     for f in dataclasses.fields(cls):

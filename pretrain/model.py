@@ -188,12 +188,17 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_kind: torch.Tensor
     (2, num_kinds) tensor of [loss sum, token count] per kind, for exact logging across ranks.
     """
     targets, loss_kind = targets.t().contiguous(), loss_kind.t().contiguous()  # (s, b)
-    per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets)  # (s, b)
+    logits32 = logits.float()
+    # megatron's cross-entropy overwrites its input (in-place exp): give it a copy whenever the
+    # logits are used again (by the caller, or by the z-loss)
+    shared = z_loss or logits32.data_ptr() == logits.data_ptr()
+    ce_input = logits32.clone() if shared else logits32
+    per_token = tensor_parallel.vocab_parallel_cross_entropy(ce_input, targets)  # (s, b)
     valid = (loss_kind > 0).float()
     count = valid.sum().clamp(min=1)
     loss = (per_token * valid).sum() / count
     if z_loss:
-        loss = loss + z_loss * (vocab_parallel_logsumexp(logits.float()).pow(2) * valid).sum() / count
+        loss = loss + z_loss * (vocab_parallel_logsumexp(logits32).pow(2) * valid).sum() / count
     with torch.no_grad():
         kind_onehot = F.one_hot(loss_kind.long(), num_kinds).float()      # (s, b, kinds)
         sums = torch.stack([(per_token.detach()[..., None] * kind_onehot).sum((0, 1)), kind_onehot.sum((0, 1))])

@@ -1,0 +1,76 @@
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import ConfigError, TrainConfig, build, describe, load_config, load_tree
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+DATA = ["data.sources.shapes.path=/data/tokens"]
+
+
+@pytest.mark.parametrize("recipe", CONFIGS, ids=lambda p: p.name)
+def test_every_recipe_loads_and_validates(recipe):
+    cfg = load_config(recipe, DATA, world_size=2)
+    assert cfg.data.sources["shapes"].path == "/data/tokens"
+    assert cfg.model.qk_norm is not None and cfg.model.z_loss is not None  # preset resolved
+
+
+def test_overrides_are_typed_and_layered():
+    cfg = load_config(CONFIGS[0], DATA + ["optimizer.lr=3e-4", "model.n_layers=3", "parallel.bf16=true"])
+    assert cfg.optimizer.lr == 3e-4 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.model.n_layers == 3 and cfg.parallel.bf16 is True
+
+
+def test_presets():
+    cham = load_config(None, DATA + ["model.preset=chameleon"])
+    assert cham.model.qk_norm and cham.model.swin_norm and cham.model.z_loss == 1e-5
+    emu3 = load_config(None, DATA + ["model.preset=emu3"])
+    assert not emu3.model.qk_norm and not emu3.model.swin_norm and emu3.model.z_loss == 0.0
+    explicit = load_config(None, DATA + ["model.preset=chameleon", "model.z_loss=0"])
+    assert explicit.model.z_loss == 0.0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.dimm=3"], "unknown config key 'model.dimm' (did you mean 'model.dim'?)"),
+    (["model.n_layers=two"], "model.n_layers: expected int, got 'two'"),
+    (["model.n_heads=2", "parallel.tp=4", "model.n_kv_heads=2"], "model.n_heads (2) must be divisible by parallel.tp (4)"),
+    (["parallel.zero_stage=2", "parallel.pp=2"], "supports ZeRO 0 or 1 only"),
+    (["model.preset=gpt"], "model.preset: 'gpt' is not a preset"),
+    (["model.dim=130"], "model.dim (130) must be divisible by model.n_heads (4)"),
+    (["schedule.warmup_steps=500", "schedule.steps=10"], "schedule.warmup_steps (500)"),
+    (["nonsense"], "is not of the form key=value"),
+])
+def test_errors_name_the_field_and_what_to_change(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, DATA + overrides)
+    assert message in str(e.value)
+
+
+def test_world_size_must_divide_by_tp_times_pp():
+    with pytest.raises(ConfigError, match="world size 3 is not divisible by parallel.tp x parallel.pp = 2 x 1"):
+        load_config(None, DATA + ["parallel.tp=2"], world_size=3)
+
+
+def test_empty_sources_are_refused():
+    with pytest.raises(ConfigError, match="data.sources is empty"):
+        load_config(None, [])
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_tree(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_tree(bad)
+
+
+def test_every_field_is_documented():
+    lines = describe()
+    assert any(line.strip().startswith("optimizer.lr = ") for line in lines)
+    assert all("#" in line and line.split("#", 1)[1].strip() for line in lines if "=" in line)
+
+
+def test_build_rejects_wrong_section_type():
+    with pytest.raises(ConfigError, match="model: expected a mapping"):
+        build(TrainConfig, {"model": 3})

@@ -1,0 +1,114 @@
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+from data_pipeline.media import MediaError, decode_image, decode_video, encode_mp4
+from data_pipeline.raw import SampleError, SkipCounter, iter_documents, parse_document
+from data_pipeline.shapes import COLORS, make_document, render, write_world
+from data_pipeline.shards import ShardError, ShardWriter, iter_samples, list_shards
+
+
+def test_world_is_deterministic_for_a_seed():
+    for i in range(20):
+        a, b = make_document(i, seed=3), make_document(i, seed=3)
+        assert a == b
+    assert any(make_document(i, 3)["json"] != make_document(i, 4)["json"] for i in range(5))
+
+
+def test_documents_of_every_kind_carry_their_truth(tmp_path):
+    summary = write_world(tmp_path, 80, seed=0, docs_per_shard=30)
+    assert summary["shards"] == 3 and sum(summary["by_kind"].values()) == 80
+    assert all(summary["by_kind"][k] > 0 for k in ("image", "video", "interleaved", "text"))
+    skipped = SkipCounter()
+    docs = list(iter_documents([tmp_path], skipped))
+    assert len(docs) == 80 and skipped.total == 0
+    for (where, segments), i in zip(docs, range(80)):
+        truth = json.loads(make_document(i, 0)["json"])["truth"]
+        kinds = [s.kind for s in segments]
+        if truth["kind"] == "image":
+            assert kinds == ["text", "image"] and truth["objects"] and truth["caption"] in segments[0].text.lower()
+        if truth["kind"] == "video":
+            assert kinds == ["text", "video"] and truth["direction"] in segments[0].text
+            frames = decode_video(segments[1].data, 8)
+            assert frames.shape == (8, 32, 32, 3)
+
+
+def test_rendered_colors_are_where_the_truth_says():
+    objects = [{"shape": "square", "color": "red", "cx": 0.27, "cy": 0.5, "r": 0.16}]
+    img = render(objects, 32)
+    assert tuple(img[16, 8]) == COLORS["red"] and tuple(img[16, 28]) != COLORS["red"]
+
+
+def test_video_roundtrip_through_mp4():
+    frames = np.zeros((8, 32, 32, 3), np.uint8)
+    frames[:, :, :16] = (200, 30, 30)
+    out = decode_video(encode_mp4(frames), 4)
+    assert out.shape == (4, 32, 32, 3)
+    assert abs(int(out[0, 16, 4, 0]) - 200) < 30
+
+
+def test_image_modes_are_converted(tmp_path):
+    import io
+
+    from PIL import Image
+    for mode in ("L", "P", "RGBA", "CMYK"):
+        buf = io.BytesIO()
+        Image.new(mode, (10, 6)).save(buf, format="PNG" if mode != "CMYK" else "JPEG")
+        assert decode_image(buf.getvalue()).shape == (6, 10, 3)
+    with pytest.raises(MediaError):
+        decode_image(b"not an image")
+    with pytest.raises(MediaError):
+        decode_video(b"not a video", 4)
+
+
+def test_shard_writer_is_atomic(tmp_path):
+    with pytest.raises(RuntimeError):
+        with ShardWriter(tmp_path, "x", max_count=2) as w:
+            for i in range(3):
+                w.write({"__key__": f"{i:03d}", "txt": "hello"})
+            raise RuntimeError("boom")
+    # the first, completed shard is kept; the one in progress is gone, no .tmp left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["x-00000.tar"]
+
+
+def test_reader_names_the_broken_shard_and_keeps_earlier_samples(tmp_path):
+    with ShardWriter(tmp_path, "x", max_count=None) as w:
+        for i in range(50):
+            w.write({"__key__": f"{i:03d}", "bin": bytes(2000)})
+    data = (tmp_path / "x.tar").read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: len(data) // 2])
+    got = []
+    with pytest.raises(ShardError, match="cut.tar: truncated or corrupt"):
+        for s in iter_samples(cut):
+            got.append(s["__key__"])
+    assert len(got) > 10
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(ShardError, match="junk.tar"):
+        list(iter_samples(junk))
+    with pytest.raises(ShardError, match="data directory not found"):
+        list_shards(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShardError, match="no .tar shards"):
+        list_shards(tmp_path / "empty")
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path):
+    with ShardWriter(tmp_path, "raw", max_count=None) as w:
+        w.write(make_document(0, 0))
+        w.write({"__key__": "nojson", "txt": b"x"})
+        w.write({"__key__": "badjson", "json": b"{not json"})
+        w.write({"__key__": "missing", "json": json.dumps({"segments": [{"image": "img0.png"}]}).encode()})
+        w.write({"__key__": "twokinds", "json": json.dumps({"segments": [{"text": "a", "image": "b"}]}).encode()})
+    (tmp_path / "broken.tar").write_bytes(b"not a tar at all")
+    skipped = SkipCounter()
+    docs = list(iter_documents([tmp_path], skipped))
+    assert len(docs) == 1
+    assert skipped.by_reason == {"missing_json": 1, "bad_json": 1, "missing_image": 1, "bad_segment": 1,
+                                 "unreadable_shard": 1}
+    assert "raw.tar:missing" in skipped.examples["missing_image"]
+    with pytest.raises(SampleError, match="segments"):
+        parse_document({"__key__": "k", "json": b"{}"})
