@@ -1,0 +1,33 @@
+"""The whole pipeline end to end at a small size, through the `loom quickstart` command."""
+
+import json
+
+import pytest
+
+from conftest import run_loom
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end_then_skips_finished_stages(tmp_path):
+    out = tmp_path / "qs"
+    first = run_loom("quickstart", "--out", out, "--docs", "400", "--steps", "60", "--vq-steps", "20")
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-3000:]
+    result = json.loads((out / "quickstart.json").read_text())
+    assert all(result["checks"].values()) and result["steps"] == 60
+    for path in ("raw/world.json", "heldout/raw/world.json", "tokenizers/text_tokenizer.model",
+                 "tokenizers/vq/config.json", "tokens/manifest.json", "heldout/tokens/manifest.json",
+                 "train/summary.json", "train/config.yaml", "train/checkpoints/latest"):
+        assert (out / path).exists(), path
+    assert "quickstart: learned" in first.stdout and "tensorboard --logdir" in first.stdout
+
+    manifest = (out / "tokens" / "manifest.json").read_bytes()
+    second = run_loom("quickstart", "--out", out, "--docs", "400", "--steps", "60", "--vq-steps", "20")
+    assert second.returncode == 0
+    assert second.stdout.count("done already, skipped") == 7
+    assert (out / "tokens" / "manifest.json").read_bytes() == manifest
+
+    failed = run_loom("quickstart", "--out", out, "--docs", "400", "--steps", "0")  # a config error late on
+    assert failed.returncode != 0 and "schedule.steps must be >= 1" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert (out / "tokens" / "manifest.json").read_bytes() == manifest  # earlier stages untouched
+    assert (out / "train" / "summary.json").exists()

@@ -1,0 +1,86 @@
+"""Training under torchrun with 2 processes (gloo, DeepSpeed ZeRO-1 on CPU), checkpoints and resume."""
+
+import json
+import shutil
+
+import pytest
+
+from checkpoints_utils.checkpoint import COMPLETE, latest_tag
+from conftest import REPO, run_loom
+from pretrain.metrics import read_metrics
+
+
+def train_args(world, out, *extra):
+    return ["train", REPO / "configs" / "tiny.yaml", f"out_dir={out}", f"data.sources.shapes.path={world / 'tokens'}",
+            f"eval.sources.shapes.path={world / 'heldout_tokens'}", "eval.batches=2", "schedule.steps=6",
+            "schedule.warmup_steps=2", "checkpoint.interval=3", "logging.interval=1", *extra]
+
+
+def train_losses(out):
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(out) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    result = run_loom(*train_args(world, out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+@pytest.mark.slow
+def test_two_process_training_writes_everything(trained):
+    out, result = trained
+    records = train_losses(out)
+    assert [step for step, _, _ in records] == list(range(1, 7))
+    assert records[-1][1]["total"] < records[0][1]["total"]
+    assert set(records[0][1]) >= {"total", "text", "image"}
+    assert "step 6/6" in result.stdout and "trained 6 steps" in result.stdout
+    evals = [r for r in read_metrics(out) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 6] and evals[1]["eval_loss"]["total"] < evals[0]["eval_loss"]["total"]
+    assert (out / "config.yaml").exists() and list((out / "tensorboard").glob("events.*"))
+    assert latest_tag(out) == "step_000006"
+    for tag in ("step_000003", "step_000006"):
+        ckpt = out / "checkpoints" / tag
+        assert (ckpt / COMPLETE).exists() and (ckpt / "config.yaml").exists()
+        assert (ckpt / "loom_rank00000.pt").exists() and (ckpt / "loom_rank00001.pt").exists()
+        assert len(list(ckpt.glob("zero_pp_rank_*_optim_states.pt"))) == 2  # ZeRO-1 over 2 ranks
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["consumed_tokens"]["total"] > 0
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(trained, world, tmp_path):
+    out, _ = trained
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_000006")  # as if killed after step 3's checkpoint
+    (resumed / "checkpoints" / "step_000005").mkdir()     # a save that never completed: ignored
+    result = run_loom(*train_args(world, resumed))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "step_000003 at step 3" in result.stdout
+    assert train_losses(resumed) == train_losses(out)      # losses and grad norms, exactly
+
+
+@pytest.mark.slow
+def test_chameleon_preset_trains_with_z_loss(world, tmp_path):
+    out = tmp_path / "cham"
+    args = train_args(world, out, "model.preset=chameleon", "schedule.steps=3")
+    args[1] = REPO / "configs" / "chameleon_tiny.yaml"
+    result = run_loom(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = train_losses(out)
+    assert len(records) == 3 and all(r[1]["total"] > 0 for r in records)
+
+
+@pytest.mark.slow
+def test_bad_input_gives_one_line_errors(world, tmp_path):
+    missing = run_loom("train", REPO / "configs" / "tiny.yaml", f"data.sources.shapes.path={tmp_path / 'nope'}")
+    assert missing.returncode != 0
+    assert "data.sources.shapes.path: directory not found" in missing.stderr and "Traceback" not in missing.stderr
+    typo = run_loom("train", REPO / "configs" / "tiny.yaml", "optimizer.lrr=1")
+    assert typo.returncode != 0 and "did you mean 'optimizer.lr'" in typo.stderr and "Traceback" not in typo.stderr
+    no_raw = run_loom("data", "tokenize", "--raw", tmp_path / "empty", "--out", tmp_path / "t",
+                      "--text-tokenizer", world / "tok" / "text_tokenizer.model", "--visual-tokenizer", world / "tok" / "vq")
+    assert no_raw.returncode != 0 and "data directory not found" in no_raw.stderr
+    assert len(no_raw.stderr.strip().splitlines()) == 1
