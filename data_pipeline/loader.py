@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +26,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shards import iter_samples, list_shards, npy_load, read_json
+from .shards import ShardError, iter_samples, list_shards, npy_load, read_json
 from .vocab import IGNORE, IMAGE, TEXT, VIDEO, VISUAL_STRUCTURE, VocabLayout
+
+
+MAX_CONSECUTIVE_BAD = 1000
 
 
 @dataclass
@@ -73,12 +78,18 @@ class SourceCursor:
     def __init__(self, source: Source, seed: int, consumer: int, consumers: int, state: dict | None):
         self.source, self.seed = source, seed
         self.consumer, self.consumers = consumer, consumers
-        s = state or {"epoch": 0, "shard": 0, "sample": 0, "k": 0}
+        s = state or {"epoch": 0, "shard": 0, "sample": 0, "k": 0, "skipped": {}}
         self.epoch, self.shard, self.sample, self.k = s["epoch"], s["shard"], s["sample"], s["k"]
+        self.skipped = Counter(s["skipped"])
         self._iter = None
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "shard": self.shard, "sample": self.sample, "k": self.k}
+        return {"epoch": self.epoch, "shard": self.shard, "sample": self.sample, "k": self.k,
+                "skipped": dict(self.skipped)}
+
+    def _skip(self, reason: str, message: str) -> None:
+        self.skipped[reason] += 1
+        print(f"loom: warning: {message}; skipped", file=sys.stderr, flush=True)
 
     def _order(self) -> list[Path]:
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -89,22 +100,35 @@ class SourceCursor:
         while True:
             order = self._order()
             while self.shard < len(order):
-                for i, sample in enumerate(iter_samples(order[self.shard])):
-                    if i < self.sample:
-                        continue
-                    self.sample = i + 1
-                    self.k += 1
-                    if (self.k - 1) % self.consumers == self.consumer:
-                        yield sample
+                try:
+                    for i, sample in enumerate(iter_samples(order[self.shard])):
+                        if i < self.sample:
+                            continue
+                        self.sample = i + 1
+                        self.k += 1
+                        if (self.k - 1) % self.consumers == self.consumer:
+                            yield sample
+                except ShardError as e:  # the samples before the damage were used
+                    self._skip("unreadable_shard", str(e))
                 self.shard, self.sample = self.shard + 1, 0
             self.epoch, self.shard, self.sample, self.k = self.epoch + 1, 0, 0, 0
 
     def next_document(self, layout: VocabLayout) -> tuple[np.ndarray, np.ndarray]:
+        """The next readable document of this consumer; bad samples are skipped and counted."""
         if self._iter is None:
             self._iter = self._samples()
-        sample = next(self._iter)
-        tokens = npy_load(sample["tokens.npy"]).astype(np.int64)
-        return tokens, loss_kinds(tokens, json.loads(sample["spans.json"]), layout)
+        for _ in range(MAX_CONSECUTIVE_BAD):
+            sample = next(self._iter)
+            try:
+                tokens = npy_load(sample["tokens.npy"]).astype(np.int64)
+                spans = json.loads(sample["spans.json"])
+                if tokens.ndim != 1 or len(tokens) < 2 or tokens.min() < 0 or tokens.max() >= layout.size:
+                    raise ValueError(f"tokens.npy must be 1-D ids in [0, {layout.size}) with >= 2 tokens")
+                return tokens, loss_kinds(tokens, spans, layout)
+            except (KeyError, ValueError, TypeError, OSError) as e:
+                self._skip("bad_token_sample", f"{sample['__shard__']}:{sample['__key__']}: {e}")
+        raise ValueError(f"source '{self.source.name}' ({self.source.path}): {MAX_CONSECUTIVE_BAD} bad samples "
+                         f"in a row; check the token shards")
 
 
 class PackedStream(IterableDataset):
@@ -181,6 +205,11 @@ class TokenLoader:
     def state_dict(self) -> dict:
         return {"worker_states": copy.deepcopy(self.worker_states), "batches": self.batches,
                 "num_workers": self.num_workers}
+
+    def skipped(self) -> int:
+        """Samples and shards skipped so far by this rank's workers (as of their last batch)."""
+        return sum(n for w in self.worker_states or [] if w for src in w["sources"].values()
+                   for n in src["skipped"].values())
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_workers"] != self.num_workers:

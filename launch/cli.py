@@ -13,12 +13,13 @@ class UserError(Exception):
 
 
 def cmd_train(args) -> int:
-    from pretrain.config import load_config
+    from pretrain.config import load_config, validate
 
     from .torchrun import inside_torchrun, run_torchrun
 
     if not inside_torchrun():
         cfg = load_config(args.config, args.overrides)  # fail fast, before any process starts
+        validate(cfg, world_size=cfg.parallel.nproc_per_node)
         from .torchrun import check_sources
 
         check_sources(cfg)

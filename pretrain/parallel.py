@@ -7,6 +7,7 @@ gradient clipping and accumulation. DeepSpeed sees megatron's groups through `Me
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -101,7 +102,7 @@ def lr_lambda(cfg: TrainConfig):
         if s.warmup_steps and step < s.warmup_steps:
             return (step + 1) / s.warmup_steps
         progress = min(1.0, (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps))
-        cosine = 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
         return s.min_lr_ratio + (1 - s.min_lr_ratio) * cosine
     return factor
 

@@ -67,33 +67,27 @@ def train(cfg: TrainConfig) -> dict:
     tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.schedule.grad_accum_steps * layout.dp
     while state.step < cfg.schedule.steps:
         start = time.time()
-        sums = torch.zeros(2, len(LOSS_KIND_NAMES) + 1, device=layout.device)
-        for _ in range(cfg.schedule.grad_accum_steps):
-            batch = {k: v.to(layout.device) for k, v in next(loader).items()}
-            logits = engine(batch["tokens"], batch["positions"], batch["doc_ids"])
-            loss, batch_sums = lm_loss(logits, batch["targets"], batch["loss_kind"], cfg.model.z_loss)
-            engine.backward(loss)
-            engine.step()
-            sums += batch_sums
+        sums = train_step(engine, loader, cfg, layout.device)
         dist.all_reduce(sums, group=dp_group)
         state.step += 1
         state.loader = loader.state_dict()
         for kind, name in LOSS_KIND_NAMES.items():
             state.consumed_tokens[name] += int(sums[1, kind])
         state.consumed_tokens["total"] += int(sums[1, 1:].sum())
-        elapsed = time.time() - start
         record = {"loss": losses_by_kind(sums.cpu()), "lr": engine.get_lr()[0],
                   "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                  "tokens_per_s": tokens_per_step / elapsed, "consumed_tokens": dict(state.consumed_tokens)}
+                  "tokens_per_s": tokens_per_step / (time.time() - start),
+                  "consumed_tokens": dict(state.consumed_tokens)}
+        last = state.step == cfg.schedule.steps
+        if state.step % cfg.logging.interval == 0 or last:
+            skipped = torch.tensor(float(loader.skipped()), device=layout.device)
+            dist.all_reduce(skipped, group=dp_group)
+            record["data_skipped"] = int(skipped)
+            log(layout, console_line(state.step, cfg.schedule.steps, record))
         metrics.log(state.step, record)
-        if state.step % cfg.logging.interval == 0 or state.step == cfg.schedule.steps:
-            losses = " ".join(f"{k} {v:.3f}" for k, v in record["loss"].items())
-            log(layout, f"step {state.step}/{cfg.schedule.steps} | loss {losses} | lr {record['lr']:.2e} | "
-                        f"grad norm {record['grad_norm']:.2f} | {record['tokens_per_s']:.0f} tok/s")
-        if state.step == cfg.schedule.steps or (cfg.eval.interval and state.step % cfg.eval.interval == 0):
+        if last or (cfg.eval.interval and state.step % cfg.eval.interval == 0):
             run_eval()
-        interval = cfg.checkpoint.interval
-        if state.step == cfg.schedule.steps or (interval and state.step % interval == 0):
+        if last or (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0):
             tag = checkpoint.save(engine, run_dir, state, cfg, cfg.checkpoint.keep_last)
     metrics.close()
     summary = {}
@@ -105,6 +99,26 @@ def train(cfg: TrainConfig) -> dict:
                     f"checkpoint {summary['checkpoint']}")
     destroy_distributed()
     return summary
+
+
+def train_step(engine, loader, cfg: TrainConfig, device) -> torch.Tensor:
+    """One optimizer step over grad_accum_steps micro-batches; returns per-kind [loss sum, count]."""
+    sums = torch.zeros(2, len(LOSS_KIND_NAMES) + 1, device=device)
+    for _ in range(cfg.schedule.grad_accum_steps):
+        batch = {k: v.to(device) for k, v in next(loader).items()}
+        logits = engine(batch["tokens"], batch["positions"], batch["doc_ids"])
+        loss, batch_sums = lm_loss(logits, batch["targets"], batch["loss_kind"], cfg.model.z_loss)
+        engine.backward(loss)
+        engine.step()  # applies the update at the accumulation boundary only
+        sums += batch_sums
+    return sums
+
+
+def console_line(step: int, steps: int, record: dict) -> str:
+    losses = " ".join(f"{k} {v:.3f}" for k, v in record["loss"].items())
+    line = (f"step {step}/{steps} | loss {losses} | lr {record['lr']:.2e} | grad norm {record['grad_norm']:.2f} "
+            f"| {record['tokens_per_s']:.0f} tok/s")
+    return line + (f" | {record['data_skipped']} bad samples skipped" if record["data_skipped"] else "")
 
 
 def log(layout, message: str) -> None:

@@ -119,3 +119,29 @@ def test_sources_of_different_vocabularies_are_refused(world, tmp_path):
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="different vocabularies"):
         read_manifest_fingerprints([Source.open("a", world / "tokens", 1), Source.open("b", other, 1)])
+
+
+def test_bad_token_samples_and_shards_are_skipped_and_counted(source, tmp_path, capsys):
+    from data_pipeline.shards import ShardWriter, npy_bytes
+
+    src, layout = source
+    good = [s for s in iter_samples(src.shards[0])][:6]
+    with ShardWriter(tmp_path, "tokens-a", max_count=None) as w:
+        for i, sample in enumerate(good):
+            sample = {k: v for k, v in sample.items() if k != "__shard__"}
+            if i == 1:
+                sample["tokens.npy"] = b"not npy"
+            if i == 2:
+                sample["tokens.npy"] = npy_bytes(np.array([layout.size + 5, 1], np.uint32))  # id out of range
+            if i == 3:
+                del sample["spans.json"]
+            w.write(sample)
+    broken = tmp_path / "tokens-b.tar"
+    broken.write_bytes((tmp_path / "tokens-a.tar").read_bytes()[:3000])  # cut inside the shard
+    bad = Source("bad", tmp_path, 1.0, [tmp_path / "tokens-a.tar", broken])
+    loader = TokenLoader([bad], layout, 32, 2)
+    take(loader, 8)
+    skipped = loader.state_dict()["worker_states"][0]["sources"]["bad"]["skipped"]
+    assert skipped["bad_token_sample"] >= 3 and skipped["unreadable_shard"] >= 1
+    assert loader.skipped() == sum(skipped.values())
+    assert "tokens-a.tar" in capsys.readouterr().err
