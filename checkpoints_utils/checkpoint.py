@@ -3,7 +3,9 @@
 Layout of a run's `checkpoints/` folder:
     step_000100/            DeepSpeed's model and optimizer shards (every rank writes its own)
         loom_state.json     step, consumed tokens, fingerprint (rank 0)
-        loom_rank00000.pt   loader position and RNG states of global rank 0 (one per rank)
+        data_state.json     the position of every packing stream of the loader (gathered by rank 0);
+                            layout-independent, so it also resumes under another data-parallel size
+        loom_rank00000.pt   RNG states of global rank 0 (one per rank)
         config.yaml         the resolved config of the run
         COMPLETE            written by rank 0 after a barrier: all ranks finished writing
     latest                  the tag of the newest COMPLETE checkpoint, replaced atomically
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data_pipeline.loader import merge_states
 from pretrain.config import TrainConfig, dump_yaml
 from pretrain.train_state import TrainState
 
@@ -55,14 +58,17 @@ def latest_tag(run_dir: str | Path) -> str | None:
     return tags[-1] if tags else None
 
 
-def save(engine, run_dir: str | Path, state: TrainState, cfg: TrainConfig, keep_last: int) -> str:
+def save(engine, run_dir: str | Path, state: TrainState, cfg: TrainConfig, keep_last: int, loader) -> str:
     root = checkpoint_dir(run_dir)
     tag = tag_for(state.step)
     rank = dist.get_rank()
+    loader_states = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(loader.state_dict(), loader_states, dst=0)
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     torch.save(state.per_rank(), root / tag / f"loom_rank{rank:05d}.pt")
     if rank == 0:
         (root / tag / "loom_state.json").write_text(json.dumps(state.shared(), indent=2))
+        (root / tag / "data_state.json").write_text(json.dumps(merge_states(loader_states)))
         dump_yaml(cfg, root / tag / "config.yaml")
     dist.barrier()
     if rank == 0:
@@ -89,4 +95,6 @@ def load(engine, run_dir: str | Path, tag: str) -> TrainState:
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {root / tag}")
     shared = json.loads((root / tag / "loom_state.json").read_text())
-    return TrainState.restore(shared, torch.load(per_rank_file, weights_only=False))
+    state = TrainState.restore(shared, torch.load(per_rank_file, weights_only=False))
+    state.loader = json.loads((root / tag / "data_state.json").read_text())
+    return state

@@ -21,8 +21,8 @@ def split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.
 
 def to_hf_state_dict(state: dict, cfg: ModelConfig) -> dict:
     """Loom Transformer state dict (TP=1) -> HF LlamaForCausalLM / ChameleonForConditionalGeneration names."""
-    out = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"],
-           "lm_head.weight": state["output.weight"]}
+    out = {"model.embed_tokens.weight": state["embed.embed.weight"], "model.norm.weight": state["head.norm.weight"],
+           "lm_head.weight": state["head.output.weight"]}
     for i in range(cfg.n_layers):
         src, dst = f"blocks.{i}.", f"model.layers.{i}."
         q, k, v = split_qkv(state[src + "attn.qkv.weight"], cfg)

@@ -1,21 +1,25 @@
-"""Streams token shards into packed training batches, with exact, resumable state.
+"""Streams token shards into packed global batches that do not depend on the parallel layout.
 
-Order of documents: each source is an endless stream of epochs; an epoch visits the source's
-shards in an order shuffled by (seed, epoch) and each shard's documents in stored order. Document
-k of an epoch belongs to consumer k % C, where the C = dp_size x num_workers consumers are the
-(data-parallel rank, worker) pairs, so over one epoch every document is seen once across all
-ranks. Each consumer mixes its sources by weight with its own seeded generator, and packs
-documents back to back into rows of seq_len + 1 tokens (row n+1 starts with row n's last token,
-so no token is wasted); a document cut by a row end continues at the start of the next row.
+The global batch of every optimizer step has `global_batch_size` rows; row r of every step comes
+from packing stream r. Stream s reads documents g = s, s + P, s + 2P, ... of each source
+(P = number of streams), mixes sources by weight with its own seeded generator, and packs the
+documents back to back into rows of seq_len + 1 tokens (row n+1 of a stream starts with row n's
+last token, so nothing is wasted; a document cut by a row end continues in the next row).
 
-Resume: the state of a consumer is its position in every source (epoch, shard, sample), its
-generator state and the unfinished part of the current document. `TokenLoader.state_dict()` holds
-the state of every worker after the last batch it delivered, so a restart continues exactly.
+Document g of a source is document g mod N of epoch g // N (N documents per epoch); an epoch
+visits the shards in an order shuffled by (seed, epoch), each shard's documents in stored order,
+read by random access through an index of the tar headers. So every document is used exactly once
+per epoch, by exactly one stream.
+
+Data-parallel rank d of D trains rows [d*P/D, (d+1)*P/D) and runs only those streams. Nothing in
+a stream depends on D, the micro-batch size or the other parallel sizes: any layout trains on the
+same global batches, and the position of all streams (`state_dict()`, gathered from every rank
+at a checkpoint) resumes under any data-parallel size.
 """
 
 from __future__ import annotations
 
-import copy
+import bisect
 import json
 import sys
 from collections import Counter
@@ -24,13 +28,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shards import ShardError, iter_samples, list_shards, npy_load, read_json
+from .shards import ShardError, index_shard, list_shards, npy_load, read_json, read_members
 from .vocab import IGNORE, IMAGE, TEXT, VIDEO, VISUAL_STRUCTURE, VocabLayout
 
-
 MAX_CONSECUTIVE_BAD = 1000
+
+
+def warn(message: str) -> None:
+    print(f"loom: warning: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -53,8 +59,7 @@ def read_manifest_fingerprints(sources: list[Source]) -> tuple[str, VocabLayout]
     for src in sources:
         manifest = read_json(src.path / "manifest.json")
         seen[src.name] = (manifest["fingerprint"], VocabLayout.from_dict(manifest["layout"]))
-    fingerprints = {fp for fp, _ in seen.values()}
-    if len(fingerprints) != 1:
+    if len({fp for fp, _ in seen.values()}) != 1:
         detail = ", ".join(f"{name}: {fp}" for name, (fp, _) in seen.items())
         raise ValueError(f"data sources were tokenized with different vocabularies ({detail}); "
                          f"retokenize them with the same tokenizers")
@@ -72,168 +77,166 @@ def loss_kinds(tokens: np.ndarray, spans: list, layout: VocabLayout) -> np.ndarr
     return kinds
 
 
-class SourceCursor:
-    """Position of one consumer in one source; yields the documents that belong to it."""
+class SourceReader:
+    """Random access to document g of a source's endless, epoch-shuffled sequence."""
 
-    def __init__(self, source: Source, seed: int, consumer: int, consumers: int, state: dict | None):
-        self.source, self.seed = source, seed
-        self.consumer, self.consumers = consumer, consumers
-        s = state or {"epoch": 0, "shard": 0, "sample": 0, "k": 0, "skipped": {}}
-        self.epoch, self.shard, self.sample, self.k = s["epoch"], s["shard"], s["sample"], s["k"]
-        self.skipped = Counter(s["skipped"])
-        self._iter = None
+    def __init__(self, source: Source, layout: VocabLayout, seed: int):
+        self.source, self.layout, self.seed = source, layout, seed
+        self.index: list[list[dict]] = []
+        for shard in source.shards:
+            entries, error = index_shard(shard)
+            if error:
+                warn(f"{error}; the rest of the shard is skipped")
+            self.index.append(entries)
+        self.counts = np.array([len(e) for e in self.index])
+        self.docs_per_epoch = int(self.counts.sum())
+        if self.docs_per_epoch == 0:
+            raise ValueError(f"source '{source.name}' ({source.path}) has no readable documents")
+        self._epoch, self._order, self._starts = -1, None, None
+        self._handles: dict[int, object] = {}
+
+    def _locate(self, g: int) -> tuple[int, int]:
+        epoch, k = divmod(g, self.docs_per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.index))
+            self._starts = np.concatenate([[0], np.cumsum(self.counts[self._order])])
+        j = bisect.bisect_right(self._starts, k) - 1
+        shard = int(self._order[j])
+        return shard, k - int(self._starts[j])
+
+    def read(self, g: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, loss kinds) of document g; raises ValueError/ShardError for a bad sample."""
+        shard, i = self._locate(g)
+        if shard not in self._handles:
+            self._handles[shard] = open(self.source.shards[shard], "rb")
+        sample = read_members(self.source.shards[shard], self.index[shard][i], self._handles[shard])
+        where = f"{sample['__shard__']}:{sample['__key__']}"
+        try:
+            tokens = npy_load(sample["tokens.npy"]).astype(np.int64)
+            spans = json.loads(sample["spans.json"])
+            if tokens.ndim != 1 or len(tokens) < 2 or tokens.min() < 0 or tokens.max() >= self.layout.size:
+                raise ValueError(f"tokens.npy must be 1-D ids in [0, {self.layout.size}) with >= 2 tokens")
+            return tokens, loss_kinds(tokens, spans, self.layout)
+        except (KeyError, ValueError, TypeError, OSError) as e:
+            raise ValueError(f"{where}: {e}") from None
+
+
+class PackingStream:
+    """One row slot of the global batch: its documents, its mixing generator, its unfinished document."""
+
+    def __init__(self, index: int, num_streams: int, readers: list[SourceReader], weights: np.ndarray,
+                 seq_len: int, seed: int, state: dict | None = None):
+        self.index, self.num_streams, self.readers, self.weights = index, num_streams, readers, weights
+        self.row_len = seq_len + 1
+        self.rng = np.random.default_rng([seed, index, 7])
+        self.next_doc = {r.source.name: 0 for r in readers}  # j: the stream's next document is index + P*j
+        self.skipped: Counter = Counter()
+        self.pending = (np.zeros(0, np.int64), np.zeros(0, np.int8))
+        if state is not None:
+            self.rng.bit_generator.state = state["rng"]
+            self.next_doc.update(state["next_doc"])
+            self.skipped.update(state["skipped"])
+            self.pending = (np.array(state["pending_tokens"], np.int64), np.array(state["pending_kinds"], np.int8))
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "shard": self.shard, "sample": self.sample, "k": self.k,
-                "skipped": dict(self.skipped)}
+        return {"rng": self.rng.bit_generator.state, "next_doc": dict(self.next_doc), "skipped": dict(self.skipped),
+                "pending_tokens": self.pending[0].tolist(), "pending_kinds": self.pending[1].tolist()}
 
-    def _skip(self, reason: str, message: str) -> None:
-        self.skipped[reason] += 1
-        print(f"loom: warning: {message}; skipped", file=sys.stderr, flush=True)
-
-    def _order(self) -> list[Path]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        return [self.source.shards[i] for i in rng.permutation(len(self.source.shards))]
-
-    def _samples(self):
-        """Endless (sample) stream starting at the saved position; advances the position."""
-        while True:
-            order = self._order()
-            while self.shard < len(order):
-                try:
-                    for i, sample in enumerate(iter_samples(order[self.shard])):
-                        if i < self.sample:
-                            continue
-                        self.sample = i + 1
-                        self.k += 1
-                        if (self.k - 1) % self.consumers == self.consumer:
-                            yield sample
-                except ShardError as e:  # the samples before the damage were used
-                    self._skip("unreadable_shard", str(e))
-                self.shard, self.sample = self.shard + 1, 0
-            self.epoch, self.shard, self.sample, self.k = self.epoch + 1, 0, 0, 0
-
-    def next_document(self, layout: VocabLayout) -> tuple[np.ndarray, np.ndarray]:
-        """The next readable document of this consumer; bad samples are skipped and counted."""
-        if self._iter is None:
-            self._iter = self._samples()
+    def _next_document(self) -> tuple[np.ndarray, np.ndarray]:
+        reader = self.readers[self.rng.choice(len(self.readers), p=self.weights)]
+        name = reader.source.name
         for _ in range(MAX_CONSECUTIVE_BAD):
-            sample = next(self._iter)
+            g = self.index + self.num_streams * self.next_doc[name]
+            self.next_doc[name] += 1
             try:
-                tokens = npy_load(sample["tokens.npy"]).astype(np.int64)
-                spans = json.loads(sample["spans.json"])
-                if tokens.ndim != 1 or len(tokens) < 2 or tokens.min() < 0 or tokens.max() >= layout.size:
-                    raise ValueError(f"tokens.npy must be 1-D ids in [0, {layout.size}) with >= 2 tokens")
-                return tokens, loss_kinds(tokens, spans, layout)
-            except (KeyError, ValueError, TypeError, OSError) as e:
-                self._skip("bad_token_sample", f"{sample['__shard__']}:{sample['__key__']}: {e}")
-        raise ValueError(f"source '{self.source.name}' ({self.source.path}): {MAX_CONSECUTIVE_BAD} bad samples "
-                         f"in a row; check the token shards")
+                return reader.read(g)
+            except (ValueError, ShardError) as e:
+                self.skipped["bad_token_sample"] += 1
+                warn(f"{e}; skipped")
+        raise ValueError(f"source '{name}' ({reader.source.path}): {MAX_CONSECUTIVE_BAD} bad samples in a row")
+
+    def next_row(self) -> dict:
+        pieces, filled = [], 0
+        while filled < self.row_len:
+            if len(self.pending[0]) == 0:
+                self.pending = self._next_document()
+            take = min(self.row_len - filled, len(self.pending[0]))
+            pieces.append((self.pending[0][:take], self.pending[1][:take]))
+            filled += take
+            # the row's last token is also the next row's first input, so it stays pending
+            keep = take - 1 if filled == self.row_len else take
+            self.pending = (self.pending[0][keep:], self.pending[1][keep:])
+        return pack_row(pieces)
 
 
-class PackedStream(IterableDataset):
-    """Yields (batch, logical worker id, state after the batch) for one data-parallel rank."""
-
-    def __init__(self, sources: list[Source], layout: VocabLayout, seq_len: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, seed: int, num_workers: int, states: list | None,
-                 rotation: int = 0):
-        self.sources, self.layout = sources, layout
-        self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
-        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
-        self.workers = max(num_workers, 1)
-        self.states, self.rotation = states, rotation
-
-    def __iter__(self):
-        info = get_worker_info()
-        logical = ((info.id if info else 0) + self.rotation) % self.workers
-        consumer, consumers = self.dp_rank * self.workers + logical, self.dp_size * self.workers
-        state = self.states[logical] if self.states else None
-        cursors = [SourceCursor(src, self.seed, consumer, consumers,
-                                state["sources"][src.name] if state else None) for src in self.sources]
-        rng = np.random.default_rng([self.seed, consumer, 7])
-        if state:
-            rng.bit_generator.state = state["rng"]
-        weights = np.array([s.weight for s in self.sources], dtype=np.float64)
-        weights /= weights.sum()
-        pending = (np.array(state["pending_tokens"], dtype=np.int64),
-                   np.array(state["pending_kinds"], dtype=np.int8)) if state else None
-        row_len = self.seq_len + 1
-        while True:
-            rows = []
-            for _ in range(self.micro_batch_size):
-                pieces, filled = [], 0
-                while filled < row_len:
-                    if pending is None or len(pending[0]) == 0:
-                        pending = cursors[rng.choice(len(cursors), p=weights)].next_document(self.layout)
-                    take = min(row_len - filled, len(pending[0]))
-                    pieces.append((pending[0][:take], pending[1][:take]))
-                    filled += take
-                    # the row's last token is also the next row's first input, so it stays pending
-                    keep = take - 1 if filled == row_len else take
-                    pending = (pending[0][keep:], pending[1][keep:])
-                rows.append(self._row(pieces))
-            batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
-            new_state = {"sources": {c.source.name: c.state() for c in cursors},
-                         "rng": rng.bit_generator.state,
-                         "pending_tokens": pending[0].tolist(), "pending_kinds": pending[1].tolist()}
-            yield batch, logical, new_state
-
-    @staticmethod
-    def _row(pieces: list[tuple[np.ndarray, np.ndarray]]) -> dict:
-        """Inputs and targets of one packed row of seq_len + 1 tokens; each piece is one document."""
-        tokens = np.concatenate([t for t, _ in pieces])
-        kinds = np.concatenate([k for _, k in pieces])
-        segment = np.concatenate([np.full(len(t), i) for i, (t, _) in enumerate(pieces)])
-        positions = np.concatenate([np.arange(len(t)) for t, _ in pieces])
-        same_doc = segment[1:] == segment[:-1]
-        return {"tokens": tokens[:-1], "targets": tokens[1:], "doc_ids": segment[:-1].astype(np.int64),
-                "positions": positions[:-1].astype(np.int64),
-                "loss_kind": np.where(same_doc, kinds[1:], IGNORE).astype(np.int64)}
+def pack_row(pieces: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """Inputs and targets of one row of seq_len + 1 tokens; each piece is (part of) one document."""
+    tokens = np.concatenate([t for t, _ in pieces])
+    kinds = np.concatenate([k for _, k in pieces])
+    segment = np.concatenate([np.full(len(t), i) for i, (t, _) in enumerate(pieces)])
+    positions = np.concatenate([np.arange(len(t)) for t, _ in pieces])
+    same_doc = segment[1:] == segment[:-1]
+    return {"tokens": tokens[:-1], "targets": tokens[1:], "doc_ids": segment[:-1].astype(np.int64),
+            "positions": positions[:-1].astype(np.int64),
+            "loss_kind": np.where(same_doc, kinds[1:], IGNORE).astype(np.int64)}
 
 
 class TokenLoader:
-    """The training-side loader: an iterator of batches with `state_dict()` / `load_state_dict()`."""
+    """This data-parallel rank's share of every global batch, as micro-batches, with resumable state."""
 
-    def __init__(self, sources: list[Source], layout: VocabLayout, seq_len: int, micro_batch_size: int,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, num_workers: int = 0):
-        self.args = (sources, layout, seq_len, micro_batch_size, dp_rank, dp_size, seed, num_workers)
-        self.num_workers = num_workers
-        self.worker_states: list | None = None
-        self.batches = 0
-        self._iter = None
+    def __init__(self, sources: list[Source], layout: VocabLayout, seq_len: int, global_batch_size: int,
+                 micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
+        if global_batch_size % (dp_size * micro_batch_size):
+            raise ValueError(f"global batch {global_batch_size} is not divisible by data-parallel size {dp_size} "
+                             f"x micro-batch {micro_batch_size}")
+        self.readers = [SourceReader(src, layout, seed) for src in sources]
+        self.weights = np.array([s.weight for s in sources], dtype=np.float64)
+        self.weights /= self.weights.sum()
+        self.seq_len, self.seed = seq_len, seed
+        self.num_streams, self.micro_batch_size = global_batch_size, micro_batch_size
+        per_rank = global_batch_size // dp_size
+        self.owned = range(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+        self.streams = [PackingStream(s, self.num_streams, self.readers, self.weights, seq_len, seed)
+                        for s in self.owned]
+        self.steps = 0
 
-    def state_dict(self) -> dict:
-        return {"worker_states": copy.deepcopy(self.worker_states), "batches": self.batches,
-                "num_workers": self.num_workers}
+    @property
+    def grad_accum_steps(self) -> int:
+        return len(self.owned) // self.micro_batch_size
+
+    def next_step(self) -> list[dict]:
+        """The micro-batches of this rank for the next optimizer step: (mbs, seq_len) tensors each."""
+        rows = [stream.next_row() for stream in self.streams]
+        self.steps += 1
+        mbs = self.micro_batch_size
+        return [{k: torch.from_numpy(np.stack([r[k] for r in rows[i:i + mbs]])) for k in rows[0]}
+                for i in range(0, len(rows), mbs)]
 
     def skipped(self) -> int:
-        """Samples and shards skipped so far by this rank's workers (as of their last batch)."""
-        return sum(n for w in self.worker_states or [] if w for src in w["sources"].values()
-                   for n in src["skipped"].values())
+        return sum(sum(s.skipped.values()) for s in self.streams)
+
+    def state_dict(self) -> dict:
+        """This rank's streams; `merge_states` joins the dicts of all data-parallel ranks."""
+        return {"steps": self.steps, "num_streams": self.num_streams, "seq_len": self.seq_len,
+                "streams": {str(s.index): s.state() for s in self.streams}}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["num_workers"] != self.num_workers:
-            raise ValueError(f"the saved data position was made with data.num_workers="
-                             f"{state['num_workers']}; resume with the same value (now {self.num_workers})")
-        self.worker_states, self.batches = state["worker_states"], state["batches"]
-        self._iter = None
+        if state["num_streams"] != self.num_streams or state["seq_len"] != self.seq_len:
+            raise ValueError(f"the saved data position is for global batch {state['num_streams']} and seq_len "
+                             f"{state['seq_len']}; this run has {self.num_streams} and {self.seq_len}. "
+                             f"Keep data.global_batch_size and data.seq_len when resuming")
+        missing = [s for s in self.owned if str(s) not in state["streams"]]
+        if missing:
+            raise ValueError(f"the saved data position lacks streams {missing[:5]}...; save it with merge_states")
+        self.steps = state["steps"]
+        self.streams = [PackingStream(s, self.num_streams, self.readers, self.weights, self.seq_len, self.seed,
+                                      state["streams"][str(s)]) for s in self.owned]
 
-    def _start(self):
-        workers = max(self.num_workers, 1)
-        dataset = PackedStream(*self.args, states=self.worker_states, rotation=self.batches % workers)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
-        return iter(loader)
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        if self._iter is None:
-            self._iter = self._start()
-        batch, logical, state = next(self._iter)
-        if self.worker_states is None:
-            self.worker_states = [None] * max(self.num_workers, 1)
-        self.worker_states[logical] = state
-        self.batches += 1
-        return batch
+def merge_states(states: list[dict]) -> dict:
+    """One state with the streams of every data-parallel rank (their steps agree)."""
+    merged = {**states[0], "streams": {}}
+    for state in states:
+        merged["streams"].update(state["streams"])
+    return merged

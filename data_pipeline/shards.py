@@ -151,3 +151,52 @@ def npy_load(data: bytes):
     import numpy as np
 
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def index_shard(shard: str | Path) -> tuple[list[dict], str | None]:
+    """Byte ranges of every sample's members, for random access: ([{"__key__", ext: (offset, size)}], error).
+
+    Reads only the tar headers. A shard cut off or corrupt part-way returns the complete samples
+    before the damage and the error message naming the shard.
+    """
+    shard = Path(shard)
+    samples: list[dict] = []
+    error = None
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = os.path.basename(member.name).partition(".")
+                if not samples or samples[-1]["__key__"] != key:
+                    samples.append({"__key__": key})
+                samples[-1][ext] = (member.offset_data, member.size)
+    except (OSError, tarfile.TarError, EOFError) as e:
+        samples = samples[:-1]  # the sample being read when the damage was found may be incomplete
+        error = f"{shard}: truncated or corrupt tar after {len(samples)} samples ({e})"
+    size = shard.stat().st_size
+    for i, sample in enumerate(samples):
+        if any(span[0] + span[1] > size for ext, span in sample.items() if not ext.startswith("__")):
+            samples = samples[:i]
+            error = f"{shard}: truncated after {i} samples"
+            break
+    return samples, error
+
+
+def read_members(shard: str | Path, entry: dict, handle=None) -> dict:
+    """The bytes of one indexed sample's members (an open binary `handle` of the shard may be given)."""
+    f = handle or open(shard, "rb")
+    try:
+        out = {"__key__": entry["__key__"], "__shard__": str(shard)}
+        for ext, span in entry.items():
+            if ext.startswith("__"):
+                continue
+            offset, size = span
+            f.seek(offset)
+            out[ext] = f.read(size)
+            if len(out[ext]) != size:
+                raise ShardError(f"{shard}: sample {entry['__key__']} member {ext} is cut off")
+        return out
+    finally:
+        if handle is None:
+            f.close()

@@ -40,6 +40,8 @@ class ModelConfig:
     rope_theta: float = doc("RoPE base frequency.", 10000.0)
     norm_eps: float = doc("Epsilon of RMSNorm and of the qk LayerNorm.", 1e-5)
     init_std: float = doc("Standard deviation of the normal weight initialisation.", 0.02)
+    activation_checkpointing: str = doc("Recompute activations in the backward pass: 'none', 'full' (every "
+                                        "block) or 'attention' (only the attention sublayer).", "none")
     qk_norm: bool | None = doc("LayerNorm with bias over head_dim on queries and keys, per head "
                                "(Chameleon). null: from the preset.", None)
     swin_norm: bool | None = doc("Normalise the output of attention and MLP before the residual add "
@@ -80,8 +82,10 @@ class SourceConfig:
 class DataConfig:
     sources: dict[str, SourceConfig] = doc("Named token-shard sources to mix.", factory=dict)
     seq_len: int = doc("Tokens per packed training sequence.", 256)
-    micro_batch_size: int = doc("Sequences per data-parallel rank per micro-step.", 4)
-    num_workers: int = doc("DataLoader worker processes per rank (0: read in the training process).", 0)
+    global_batch_size: int = doc("Sequences per optimizer step over all data-parallel ranks; with the seed it "
+                                 "fixes the data of every step whatever the layout.", 8)
+    micro_batch_size: int = doc("Sequences per data-parallel rank per forward pass; gradient accumulation "
+                                "steps = global_batch_size / (data-parallel size x micro_batch_size).", 4)
     seed: int = doc("Seed of shard shuffling and source mixing.", 1234)
 
 
@@ -89,7 +93,10 @@ class DataConfig:
 class ParallelConfig:
     tp: int = doc("Tensor-parallel size (megatron-core layers).", 1)
     pp: int = doc("Pipeline-parallel size.", 1)
-    zero_stage: int = doc("DeepSpeed ZeRO stage, 0 to 3.", 1)
+    zero_stage: int = doc("DeepSpeed ZeRO stage, 0 to 3 (0 or 1 with pp > 1).", 1)
+    sequence_parallel: bool = doc("Megatron sequence parallelism: norms and the residual stream split along "
+                                  "the sequence inside the TP group (needs tp > 1, seq_len divisible by tp).",
+                                  False)
     nproc_per_node: int = doc("Processes per node when `loom train` starts torchrun itself.", 2)
     backend: str = doc("torch.distributed backend: 'auto' (nccl with CUDA, else gloo), 'nccl', 'gloo'.",
                        "auto")
@@ -111,7 +118,6 @@ class ScheduleConfig:
     steps: int = doc("Optimizer steps to train.", 200)
     warmup_steps: int = doc("Linear warmup steps from 0 to optimizer.lr.", 20)
     min_lr_ratio: float = doc("Cosine decay ends at this fraction of optimizer.lr.", 0.1)
-    grad_accum_steps: int = doc("Micro-batches accumulated per optimizer step.", 1)
 
 
 @dataclass
@@ -125,6 +131,8 @@ class CheckpointConfig:
 class LoggingConfig:
     interval: int = doc("Print and log scalars every this many steps.", 10)
     tensorboard: bool = doc("Write TensorBoard event files under out_dir/tensorboard.", True)
+    peak_tflops: float = doc("Peak TFLOP/s of one device, for MFU (e.g. 989 for an H100 in bf16). 0: measure "
+                             "it at start with a GEMM of the model's width (what the CPU does).", 0.0)
 
 
 @dataclass
@@ -133,7 +141,8 @@ class EvalConfig:
                                            "Empty: no evaluation.", factory=dict)
     interval: int = doc("Evaluate every this many steps, before the first step and at the end. "
                         "0: only before the first step and at the end.", 0)
-    batches: int = doc("Micro-batches per data-parallel rank in one evaluation (always the same ones).", 8)
+    sequences: int = doc("Sequences in one evaluation (always the same ones); divisible by data-parallel "
+                         "size x data.micro_batch_size.", 32)
 
 
 @dataclass
@@ -291,7 +300,7 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     positive = {"model.dim": m.dim, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
                 "model.n_kv_heads": m.n_kv_heads, "model.ffn_dim": m.ffn_dim, "data.seq_len": d.seq_len,
                 "data.micro_batch_size": d.micro_batch_size, "parallel.tp": p.tp, "parallel.pp": p.pp,
-                "schedule.steps": s.steps, "schedule.grad_accum_steps": s.grad_accum_steps,
+                "schedule.steps": s.steps, "data.global_batch_size": d.global_batch_size,
                 "parallel.nproc_per_node": p.nproc_per_node, "checkpoint.keep_last": cfg.checkpoint.keep_last}
     for name, value in positive.items():
         if value < 1:
@@ -314,9 +323,17 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed's "
                           f"pipeline engine supports ZeRO 0 or 1 only; set parallel.zero_stage=1 or "
                           f"parallel.pp=1")
-    if p.pp > 1:
-        raise ConfigError(f"parallel.pp={p.pp}: pipeline parallelism is not available in this version; "
-                          f"set parallel.pp=1")
+    if p.pp > 1 and m.n_layers < p.pp:
+        raise ConfigError(f"parallel.pp={p.pp} stages need at least as many blocks; model.n_layers is {m.n_layers}")
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it splits the sequence across "
+                          "the tensor-parallel group)")
+    if p.sequence_parallel and d.seq_len % p.tp:
+        raise ConfigError(f"data.seq_len ({d.seq_len}) must be divisible by parallel.tp ({p.tp}) with "
+                          f"sequence parallelism")
+    if m.activation_checkpointing not in ("none", "full", "attention"):
+        raise ConfigError(f"model.activation_checkpointing must be 'none', 'full' or 'attention', got "
+                          f"'{m.activation_checkpointing}'")
     if p.backend not in ("auto", "nccl", "gloo"):
         raise ConfigError(f"parallel.backend must be 'auto', 'nccl' or 'gloo', got '{p.backend}'")
     if s.warmup_steps < 0 or s.warmup_steps > s.steps:
@@ -331,12 +348,17 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         for name, src in sources.items():
             if src.weight <= 0:
                 raise ConfigError(f"{section}.sources.{name}.weight must be > 0, got {src.weight}")
-    if cfg.eval.sources and cfg.eval.batches < 1:
-        raise ConfigError(f"eval.batches must be >= 1 when eval.sources is set, got {cfg.eval.batches}")
+    if cfg.eval.sources and cfg.eval.sequences < 1:
+        raise ConfigError(f"eval.sequences must be >= 1 when eval.sources is set, got {cfg.eval.sequences}")
     if world_size is not None:
         if world_size % (p.tp * p.pp):
             raise ConfigError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp "
                               f"= {p.tp} x {p.pp}; change the number of processes or the layout")
+        dp = world_size // (p.tp * p.pp)
+        for name, rows in (("data.global_batch_size", d.global_batch_size), ("eval.sequences", cfg.eval.sequences)):
+            if (name == "data.global_batch_size" or cfg.eval.sources) and rows % (dp * d.micro_batch_size):
+                raise ConfigError(f"{name} ({rows}) must be divisible by data-parallel size ({dp}) x "
+                                  f"data.micro_batch_size ({d.micro_batch_size}); change one of them")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), world_size: int | None = None

@@ -12,6 +12,7 @@ Weights are initialised on the CPU as whole matrices and then split (megatron's
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -23,15 +24,23 @@ from torch import nn
 from .config import ModelConfig
 
 
+def identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        # parallelize() swaps this for a TP all-reduce of the gradient under sequence parallelism,
+        # where each TP rank normalises only its part of the sequence
+        self.weight_fn = identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return normed * self.weight_fn(self.weight)
 
 
 class HeadLayerNorm(nn.Module):
@@ -93,8 +102,8 @@ class Attention(nn.Module):
         self.k_norm = HeadLayerNorm(self.local_kv, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        s, b, _ = x.shape
-        qkv, _ = self.qkv(x)                                               # (s, b, g*(q_per_kv+2)*hd)
+        qkv, _ = self.qkv(x)                   # (s, b, g*(q_per_kv+2)*hd); gathers the sequence under SP
+        s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.local_kv, self.q_per_kv + 2, self.head_dim)
         q = qkv[:, :, :, :self.q_per_kv].reshape(s, b, -1, self.head_dim)   # (s, b, h, hd)
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]                         # (s, b, g, hd)
@@ -104,7 +113,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (b, h, s, hd)
         y = y.permute(2, 0, 1, 3).reshape(s, b, -1)                        # (s, b, h*hd)
-        out, _ = self.out(y)                                               # (s, b, d), summed over TP
+        out, _ = self.out(y)                   # (s, b, d) summed over TP; (s/tp, b, d) scattered under SP
         return out
 
 
@@ -127,14 +136,47 @@ class SwiGLU(nn.Module):
         return out
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, init, out_init):
+@contextlib.contextmanager
+def layer_seed(seed: int, layer: int):
+    """Initialise layer `layer` from its own seed: the same weights whichever ranks build which layers."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + layer)
+        yield
+
+
+def init_methods(cfg: ModelConfig):
+    std = cfg.init_std
+    return (lambda w: nn.init.normal_(w, 0.0, std),
+            lambda w: nn.init.normal_(w, 0.0, std / math.sqrt(2 * cfg.n_layers)))  # residual outputs
+
+
+class Embedding(nn.Module):
+    """Layer 0: token ids (b, s) -> hidden states (s, b, d), or (s/tp, b, d) under SP."""
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, seed: int):
         super().__init__()
-        self.swin_norm = cfg.swin_norm
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg, mp, init, out_init)
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg, mp, init, out_init)
+        with layer_seed(seed, 0):
+            self.embed = tensor_parallel.VocabParallelEmbedding(
+                cfg.padded_vocab_size, cfg.dim, config=mp, init_method=init_methods(cfg)[0],
+                reduce_scatter_embeddings=mp.sequence_parallel)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        return x if self.embed.reduce_scatter_embeddings else x.transpose(0, 1).contiguous()
+
+
+class Block(nn.Module):
+    """Layer i (1..n_layers): one transformer block."""
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, seed: int, layer: int):
+        super().__init__()
+        with layer_seed(seed, layer):
+            init, out_init = init_methods(cfg)
+            self.swin_norm = cfg.swin_norm
+            self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.attn = Attention(cfg, mp, init, out_init)
+            self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.mlp = SwiGLU(cfg, mp, init, out_init)
 
     def forward(self, x, cos, sin, mask):                                  # x: (s, b, d)
         if self.swin_norm:  # Chameleon: normalise each sublayer's output before the residual add
@@ -144,28 +186,43 @@ class Block(nn.Module):
         return h + self.mlp(self.mlp_norm(h))
 
 
+class Head(nn.Module):
+    """Layer n_layers + 1: final norm and output projection -> logits of the local vocabulary shard."""
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, seed: int):
+        super().__init__()
+        with layer_seed(seed, cfg.n_layers + 1):
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.output = tensor_parallel.ColumnParallelLinear(
+                cfg.dim, cfg.padded_vocab_size, config=mp, init_method=init_methods(cfg)[0], bias=False,
+                gather_output=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.output(self.norm(x))                              # (s, b, v); gathers SP
+        return logits
+
+
+def attention_inputs(positions: torch.Tensor, doc_ids: torch.Tensor, cfg: ModelConfig):
+    """RoPE tables and the document-causal mask of a batch (b, s)."""
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    return cos, sin, document_causal_mask(doc_ids)
+
+
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, seed: int):
         super().__init__()
         self.cfg = cfg
-        init = lambda w: nn.init.normal_(w, 0.0, cfg.init_std)  # noqa: E731
-        out_init = lambda w: nn.init.normal_(w, 0.0, cfg.init_std / math.sqrt(2 * cfg.n_layers))  # noqa: E731
-        self.embed = tensor_parallel.VocabParallelEmbedding(cfg.padded_vocab_size, cfg.dim, config=mp,
-                                                            init_method=init)
-        self.blocks = nn.ModuleList(Block(cfg, mp, init, out_init) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = tensor_parallel.ColumnParallelLinear(cfg.dim, cfg.padded_vocab_size, config=mp,
-                                                           init_method=init, bias=False, gather_output=False)
+        self.embed = Embedding(cfg, mp, seed)
+        self.blocks = nn.ModuleList(Block(cfg, mp, seed, i + 1) for i in range(cfg.n_layers))
+        self.head = Head(cfg, mp, seed)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
         """tokens, positions, doc_ids (b, s) -> logits of the local vocabulary shard (s, b, v)."""
-        x = self.embed(tokens).transpose(0, 1).contiguous()                # (s, b, d)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        mask = document_causal_mask(doc_ids)
+        x = self.embed(tokens)
+        cos, sin, mask = attention_inputs(positions, doc_ids, self.cfg)
         for block in self.blocks:
             x = block(x, cos, sin, mask)
-        logits, _ = self.output(self.norm(x))                              # (s, b, v)
-        return logits
+        return self.head(x)
 
 
 def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
@@ -181,8 +238,9 @@ def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_kind: torch.Tensor, z_loss: float,
-            num_kinds: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over positions with loss_kind > 0 (+ z-loss), and per-kind sums.
+            normalizer: float | torch.Tensor | None = None, num_kinds: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy (+ z-loss) summed over positions with loss_kind > 0, divided by `normalizer`
+    (default: this batch's count of such positions), and per-kind sums.
 
     logits (s, b, v) local shard; targets, loss_kind (b, s). Returns the scalar loss and a
     (2, num_kinds) tensor of [loss sum, token count] per kind, for exact logging across ranks.
@@ -195,7 +253,7 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_kind: torch.Tensor
     ce_input = logits32.clone() if shared else logits32
     per_token = tensor_parallel.vocab_parallel_cross_entropy(ce_input, targets)  # (s, b)
     valid = (loss_kind > 0).float()
-    count = valid.sum().clamp(min=1)
+    count = valid.sum().clamp(min=1) if normalizer is None else normalizer
     loss = (per_token * valid).sum() / count
     if z_loss:
         loss = loss + z_loss * (vocab_parallel_logsumexp(logits32).pow(2) * valid).sum() / count

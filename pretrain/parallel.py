@@ -7,6 +7,7 @@ gradient clipping and accumulation. DeepSpeed sees megatron's groups through `Me
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -24,7 +25,12 @@ import deepspeed  # noqa: E402  (reads DS_ACCELERATOR at import)
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.model_parallel_config import ModelParallelConfig  # noqa: E402
 
-from .model import Transformer  # noqa: E402
+from megatron.core import tensor_parallel  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+
+from . import megatron_cpu  # noqa: E402
+from .model import Block, RMSNorm, Transformer  # noqa: E402
+from .pipeline import pipeline_module  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,8 @@ def init_distributed(cfg: TrainConfig) -> Layout:
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=10))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if device.type == "cpu":
+        megatron_cpu.apply()
     p = cfg.parallel
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp)
     return Layout(rank, world, local_rank, p.tp, p.pp, world // (p.tp * p.pp),
@@ -90,6 +98,8 @@ class MegatronMPU:
 def megatron_config(cfg: TrainConfig) -> ModelParallelConfig:
     return ModelParallelConfig(
         tensor_model_parallel_size=cfg.parallel.tp, pipeline_model_parallel_size=cfg.parallel.pp,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        pipeline_dtype=torch.bfloat16 if cfg.parallel.bf16 else torch.float32,  # unused: DeepSpeed pipelines
         # Whole weights are initialised on the CPU and then split: the same model for any layout.
         use_cpu_initialization=True, perform_initialization=True, params_dtype=torch.float32,
         gradient_accumulation_fusion=False)
@@ -102,17 +112,20 @@ def lr_lambda(cfg: TrainConfig):
         if s.warmup_steps and step < s.warmup_steps:
             return (step + 1) / s.warmup_steps
         progress = min(1.0, (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps))
-        cosine = 0.5 * (1 + math.cos(math.pi * progress))
-        return s.min_lr_ratio + (1 - s.min_lr_ratio) * cosine
+        return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
 
 
+def grad_accum_steps(cfg: TrainConfig, layout: Layout) -> int:
+    return cfg.data.global_batch_size // (layout.dp * cfg.data.micro_batch_size)
+
+
 def deepspeed_config(cfg: TrainConfig, layout: Layout) -> dict:
-    d, p, s = cfg.data, cfg.parallel, cfg.schedule
+    d, p = cfg.data, cfg.parallel
     return {
         "train_micro_batch_size_per_gpu": d.micro_batch_size,
-        "gradient_accumulation_steps": s.grad_accum_steps,
-        "train_batch_size": d.micro_batch_size * s.grad_accum_steps * layout.dp,
+        "gradient_accumulation_steps": grad_accum_steps(cfg, layout),
+        "train_batch_size": d.global_batch_size,
         "gradient_clipping": cfg.optimizer.grad_clip,
         "zero_optimization": {"stage": p.zero_stage},
         "bf16": {"enabled": p.bf16},
@@ -122,18 +135,47 @@ def deepspeed_config(cfg: TrainConfig, layout: Layout) -> dict:
     }
 
 
-def parallelize(cfg: TrainConfig, layout: Layout):
+def sequence_parallel_norms(model: torch.nn.Module) -> None:
+    """Under SP each TP rank normalises a slice of the sequence, so a norm weight's gradient is a partial
+    sum: route the weight through megatron's copy-to-TP region (identity forward, all-reduce backward)."""
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.weight_fn = tensor_parallel.copy_to_tensor_model_parallel_region
+
+
+def activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
+    """Recompute each block ('full') or each attention sublayer ('attention') in the backward pass,
+    by wrapping the instance's forward in a non-reentrant checkpoint (parameter names unchanged)."""
+    if mode == "none":
+        return
+    for module in model.modules():
+        if isinstance(module, Block):
+            target = module if mode == "full" else module.attn
+            target.forward = functools.partial(checkpoint, target.forward, use_reentrant=False)
+
+
+def parallelize(cfg: TrainConfig, layout: Layout, pipeline_loss=None):
     """Build the model and apply parallelism, in this order:
 
-    1. tensor parallelism: the megatron-core layers shard themselves over the TP group as they are
-       built (whole-matrix CPU init, then split), so construction happens under a fixed seed;
-    2. placement on the device;
-    3. data parallelism, ZeRO, bf16, clipping and accumulation: DeepSpeed's engine, which sees
-       megatron's groups through MegatronMPU.
-    Returns the DeepSpeed engine (its `.module` is the Transformer).
+    1. tensor (and sequence) parallelism: the megatron-core layers shard themselves over the TP
+       group as they are built; layer i is initialised from seed (seed, i) as a whole matrix on
+       the CPU and then split, so every layout starts from the same weights; SP norms get their
+       gradient all-reduce;
+    2. pipeline staging (pp > 1): a DeepSpeed PipelineModule that builds only this stage's layers;
+    3. activation checkpointing of blocks or attention sublayers;
+    4. placement on the device;
+    5. data parallelism, ZeRO, bf16, clipping and accumulation: DeepSpeed's engine, which sees
+       megatron's groups through MegatronMPU (plain engine) or the matching pipeline topology.
+    Returns the DeepSpeed engine (a PipelineEngine when pp > 1).
     """
-    torch.manual_seed(cfg.seed)
-    model = Transformer(cfg.model, megatron_config(cfg))
+    mp = megatron_config(cfg)
+    if cfg.parallel.pp > 1:
+        model = pipeline_module(cfg, mp, pipeline_loss, layout.dp)
+    else:
+        model = Transformer(cfg.model, mp, cfg.seed)
+    if cfg.parallel.sequence_parallel:
+        sequence_parallel_norms(model)
+    activation_checkpointing(model, cfg.model.activation_checkpointing)
     model.to(layout.device)
     no_decay = [p for n, p in model.named_parameters() if "norm" in n]
     decay = [p for n, p in model.named_parameters() if "norm" not in n]
@@ -142,6 +184,8 @@ def parallelize(cfg: TrainConfig, layout: Layout):
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    # DeepSpeed refuses an mpu with a pipeline; its grid from the topology matches megatron's groups
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, layout), mpu=MegatronMPU())
+                                           config=deepspeed_config(cfg, layout),
+                                           mpu=MegatronMPU() if cfg.parallel.pp == 1 else None)
     return engine

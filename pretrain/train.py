@@ -8,16 +8,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from checkpoints_utils import checkpoint
 from data_pipeline.loader import Source, TokenLoader, read_manifest_fingerprints
 from data_pipeline.vocab import LOSS_KIND_NAMES
 from .config import ConfigError, TrainConfig, dump_yaml, validate
 from .evaluate import evaluate
+from .flops import flops_per_token, measure_peak_tflops, peak_memory_gib
 from .metrics import MetricsLogger, losses_by_kind, read_metrics, summarize
-from .model import lm_loss
 from .parallel import destroy_distributed, init_distributed, parallelize
+from .step import PipelineLoss, run_step
 from .train_state import TrainState
 
 
@@ -41,9 +41,10 @@ def train(cfg: TrainConfig) -> dict:
     if layout.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, run_dir / "config.yaml")
-    engine = parallelize(cfg, layout)
-    loader = TokenLoader(sources, vocab, cfg.data.seq_len, cfg.data.micro_batch_size, layout.dp_rank,
-                         layout.dp, cfg.data.seed, cfg.data.num_workers)
+    pipeline_loss = PipelineLoss(cfg.model.z_loss) if cfg.parallel.pp > 1 else None
+    engine = parallelize(cfg, layout, pipeline_loss)
+    loader = TokenLoader(sources, vocab, cfg.data.seq_len, cfg.data.global_batch_size, cfg.data.micro_batch_size,
+                         layout.dp_rank, layout.dp, cfg.data.seed)
     state = TrainState(fingerprint=fingerprint)
     tag = checkpoint.latest_tag(run_dir) if cfg.checkpoint.resume else None
     if tag is not None:
@@ -54,41 +55,43 @@ def train(cfg: TrainConfig) -> dict:
         loader.load_state_dict(state.loader)
         log(layout, f"resumed from {checkpoint.checkpoint_dir(run_dir) / tag} at step {state.step}")
     metrics = MetricsLogger(run_dir, layout.rank == 0, cfg.logging.tensorboard, state.step)
+    peak = cfg.logging.peak_tflops or measure_peak_tflops(
+        cfg.model.dim, torch.bfloat16 if cfg.parallel.bf16 else torch.float32, layout.device)
+    step_flops = flops_per_token(cfg.model, cfg.data.seq_len) * cfg.data.global_batch_size * cfg.data.seq_len
 
     def run_eval():
         if eval_sources:
-            losses = evaluate(engine, cfg, eval_sources, vocab, layout)
+            losses = evaluate(engine, cfg, eval_sources, vocab, layout, pipeline_loss)
             metrics.log(state.step, {"eval_loss": losses})
             log(layout, f"eval at step {state.step} | " + " ".join(f"{k} {v:.3f}" for k, v in losses.items()))
 
     if state.step == 0:
         run_eval()
-    dp_group = parallel_state.get_data_parallel_group()
-    tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.schedule.grad_accum_steps * layout.dp
     while state.step < cfg.schedule.steps:
         start = time.time()
-        sums = train_step(engine, loader, cfg, layout.device)
-        dist.all_reduce(sums, group=dp_group)
+        sums = run_step(engine, loader.next_step(), cfg.model.z_loss, layout, pipeline_loss)
+        seconds = time.time() - start
         state.step += 1
-        state.loader = loader.state_dict()
         for kind, name in LOSS_KIND_NAMES.items():
             state.consumed_tokens[name] += int(sums[1, kind])
         state.consumed_tokens["total"] += int(sums[1, 1:].sum())
+        tflops = step_flops / seconds / layout.world_size / 1e12  # per device
         record = {"loss": losses_by_kind(sums.cpu()), "lr": engine.get_lr()[0],
                   "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                  "tokens_per_s": tokens_per_step / (time.time() - start),
+                  "tokens_per_s": cfg.data.global_batch_size * cfg.data.seq_len / seconds,
+                  "tflops_per_device": tflops, "mfu": tflops / peak, "peak_memory_gib": peak_memory_gib(layout.device),
                   "consumed_tokens": dict(state.consumed_tokens)}
         last = state.step == cfg.schedule.steps
         if state.step % cfg.logging.interval == 0 or last:
             skipped = torch.tensor(float(loader.skipped()), device=layout.device)
-            dist.all_reduce(skipped, group=dp_group)
-            record["data_skipped"] = int(skipped)
+            dist.all_reduce(skipped)  # ranks of one data-parallel slice count the same streams
+            record["data_skipped"] = int(skipped) // (layout.tp * layout.pp)
             log(layout, console_line(state.step, cfg.schedule.steps, record))
         metrics.log(state.step, record)
         if last or (cfg.eval.interval and state.step % cfg.eval.interval == 0):
             run_eval()
         if last or (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0):
-            tag = checkpoint.save(engine, run_dir, state, cfg, cfg.checkpoint.keep_last)
+            tag = checkpoint.save(engine, run_dir, state, cfg, cfg.checkpoint.keep_last, loader)
     metrics.close()
     summary = {}
     if layout.rank == 0:
@@ -101,23 +104,11 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
-def train_step(engine, loader, cfg: TrainConfig, device) -> torch.Tensor:
-    """One optimizer step over grad_accum_steps micro-batches; returns per-kind [loss sum, count]."""
-    sums = torch.zeros(2, len(LOSS_KIND_NAMES) + 1, device=device)
-    for _ in range(cfg.schedule.grad_accum_steps):
-        batch = {k: v.to(device) for k, v in next(loader).items()}
-        logits = engine(batch["tokens"], batch["positions"], batch["doc_ids"])
-        loss, batch_sums = lm_loss(logits, batch["targets"], batch["loss_kind"], cfg.model.z_loss)
-        engine.backward(loss)
-        engine.step()  # applies the update at the accumulation boundary only
-        sums += batch_sums
-    return sums
-
-
 def console_line(step: int, steps: int, record: dict) -> str:
     losses = " ".join(f"{k} {v:.3f}" for k, v in record["loss"].items())
     line = (f"step {step}/{steps} | loss {losses} | lr {record['lr']:.2e} | grad norm {record['grad_norm']:.2f} "
-            f"| {record['tokens_per_s']:.0f} tok/s")
+            f"| {record['tokens_per_s']:.0f} tok/s | {record['tflops_per_device']:.3f} TFLOP/s/device "
+            f"| MFU {100 * record['mfu']:.1f}% | peak mem {record['peak_memory_gib']:.2f} GiB")
     return line + (f" | {record['data_skipped']} bad samples skipped" if record["data_skipped"] else "")
 
 

@@ -17,7 +17,7 @@ class TrainState:
                                                            "visual_structure": 0, "total": 0})
     """Loss-bearing tokens consumed across all data-parallel ranks, per modality."""
     loader: dict | None = None
-    """This rank's TokenLoader.state_dict(): its position in every source."""
+    """The loader position restored from a checkpoint (every packing stream, see data_pipeline.loader)."""
     fingerprint: str = ""
     """Vocabulary fingerprint of the data the run was trained on."""
 
@@ -26,13 +26,13 @@ class TrainState:
         return {"step": self.step, "consumed_tokens": dict(self.consumed_tokens), "fingerprint": self.fingerprint}
 
     def per_rank(self) -> dict:
-        return {"loader": self.loader, "rng": rng_state()}
+        return {"rng": rng_state()}
 
     @classmethod
     def restore(cls, shared: dict, per_rank: dict) -> "TrainState":
         set_rng_state(per_rank["rng"])
         return cls(step=shared["step"], consumed_tokens=dict(shared["consumed_tokens"]),
-                   loader=per_rank["loader"], fingerprint=shared["fingerprint"])
+                   fingerprint=shared["fingerprint"])
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,48 @@
+"""Model FLOPs per token, the device's peak, and peak memory: the throughput accounting of a run.
+
+FLOPs per trained token = 6 x (parameters of every matrix multiply: attention and MLP projections
+of each block and the output layer; the embedding lookup costs none) + 12 x n_layers x dim x
+seq_len for attention scores and values (forward + backward, full square as in PaLM, Chowdhery et
+al. 2022, appendix B). Recomputation under activation checkpointing is not counted (it is MFU,
+not hardware utilisation). The scaling-law tools use the same formula.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+
+from .config import ModelConfig
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    d, hd = cfg.dim, cfg.head_dim
+    per_block = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.n_heads * hd * d + 3 * d * cfg.ffn_dim
+    return cfg.n_layers * per_block + d * cfg.padded_vocab_size
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.dim * seq_len
+
+
+def measure_peak_tflops(dim: int, dtype: torch.dtype, device: torch.device, seconds: float = 0.5) -> float:
+    """TFLOP/s of a (4096 x dim) @ (dim x 4 dim) GEMM, the MLP's shape, on this process's device."""
+    a = torch.randn(4096, dim, dtype=dtype, device=device)
+    b = torch.randn(dim, 4 * dim, dtype=dtype, device=device)
+    a @ b  # warm-up
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2.0 * 4096 * dim * 4 * dim * runs / (time.perf_counter() - start) / 1e12
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated GPU memory, or the process's peak resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # ru_maxrss is in KiB on Linux

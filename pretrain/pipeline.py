@@ -1,0 +1,46 @@
+"""The DeepSpeed pipeline adapter (PP > 1): the model's layers as a `PipelineModule` of LayerSpecs.
+
+Between stages the activation is the tuple (hidden (s, b, d), positions (b, s), doc_ids (b, s));
+each block rebuilds its RoPE tables and document-causal mask from the last two, so a stage needs
+no state from another. Layer i is built from seed (seed, i) as in `Transformer`, so a pipeline
+starts from the same weights as one process.
+"""
+
+from __future__ import annotations
+
+from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+from .config import TrainConfig
+from .model import Block, Embedding, Head, attention_inputs
+
+
+class EmbeddingPipe(Embedding):
+    def forward(self, inputs):
+        tokens, positions, doc_ids = inputs
+        return super().forward(tokens), positions, doc_ids
+
+
+class BlockPipe(Block):
+    def __init__(self, cfg, mp, seed, layer):
+        super().__init__(cfg, mp, seed, layer)
+        self.cfg = cfg
+
+    def forward(self, inputs):
+        x, positions, doc_ids = inputs
+        return super().forward(x, *attention_inputs(positions, doc_ids, self.cfg)), positions, doc_ids
+
+
+class HeadPipe(Head):
+    def forward(self, inputs):
+        return super().forward(inputs[0])
+
+
+def pipeline_module(cfg: TrainConfig, mp, loss_fn, dp: int) -> PipelineModule:
+    m = cfg.model
+    layers = [LayerSpec(EmbeddingPipe, m, mp, cfg.seed),
+              *(LayerSpec(BlockPipe, m, mp, cfg.seed, i + 1) for i in range(m.n_layers)),
+              LayerSpec(HeadPipe, m, mp, cfg.seed)]
+    # DeepSpeed's topology with axes (pipe, data, model) orders ranks as megatron's tp-dp-pp
+    topology = PipeModelDataParallelTopology(num_pp=cfg.parallel.pp, num_mp=cfg.parallel.tp, num_dp=dp)
+    return PipelineModule(layers=layers, loss_fn=loss_fn, topology=topology, partition_method="type:BlockPipe")
