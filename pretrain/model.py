@@ -76,8 +76,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
 
-def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """doc_ids (b, s) -> bool (b, 1, s, s): query i sees key j iff same document and j <= i."""
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor | None:
+    """doc_ids (b, s) -> bool (b, 1, s, s): query i sees key j iff same document and j <= i.
+
+    None when every row holds a single document: plain causal attention, SDPA's fastest path.
+    """
+    if not bool((doc_ids != doc_ids[:, :1]).any()):
+        return None
     s = doc_ids.shape[1]
     causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
     return (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None] & causal
@@ -111,7 +116,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))              # (b, heads, s, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (b, h, s, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=True)                # (b, h, s, hd)
         y = y.permute(2, 0, 1, 3).reshape(s, b, -1)                        # (s, b, h*hd)
         out, _ = self.out(y)                   # (s, b, d) summed over TP; (s/tp, b, d) scattered under SP
         return out
@@ -145,9 +151,14 @@ def layer_seed(seed: int, layer: int):
 
 
 def init_methods(cfg: ModelConfig):
+    """(init of input projections, init of the projections that write into the residual stream).
+
+    Residual writes are scaled by 1/sqrt(2 n_layers) (GPT-2); not under swin-norm, which normalises
+    them anyway: there a small output would only make the norm's backward ill-conditioned.
+    """
     std = cfg.init_std
-    return (lambda w: nn.init.normal_(w, 0.0, std),
-            lambda w: nn.init.normal_(w, 0.0, std / math.sqrt(2 * cfg.n_layers)))  # residual outputs
+    out_std = std if cfg.swin_norm else std / math.sqrt(2 * cfg.n_layers)
+    return lambda w: nn.init.normal_(w, 0.0, std), lambda w: nn.init.normal_(w, 0.0, out_std)
 
 
 class Embedding(nn.Module):

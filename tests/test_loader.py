@@ -4,8 +4,8 @@ import shutil
 import numpy as np
 import pytest
 
-from data_pipeline.loader import Source, SourceCursor, TokenLoader, read_manifest_fingerprints
-from data_pipeline.shards import iter_samples, npy_load
+from data_pipeline.loader import Source, SourceReader, TokenLoader, merge_states, read_manifest_fingerprints
+from data_pipeline.shards import ShardWriter, iter_samples, npy_bytes
 from data_pipeline.vocab import IGNORE, IMAGE, TEXT, VISUAL_STRUCTURE
 
 
@@ -15,40 +15,70 @@ def source(world):
     return src, read_manifest_fingerprints([src])[1]
 
 
-def take(loader, n):
-    return [next(loader) for _ in range(n)]
+def global_rows(loaders, steps):
+    """Per step: the rows of every data-parallel rank, concatenated in rank order."""
+    out = []
+    for _ in range(steps):
+        rows = {k: [] for k in ("tokens", "targets", "doc_ids", "positions", "loss_kind")}
+        for loader in loaders:
+            for mb in loader.next_step():
+                for k in rows:
+                    rows[k].append(mb[k])
+        out.append({k: np.concatenate(v) for k, v in rows.items()})
+    return out
 
 
-def test_rows_are_full_and_chain_with_an_overlap_of_one(source):
+def make(source, dp, mbs, global_batch=8, seq_len=48, seed=3, sources=None):
     src, layout = source
-    loader = TokenLoader([src], layout, seq_len=64, micro_batch_size=3)
-    batches = take(loader, 4)
-    rows = [(b["tokens"][i], b["targets"][i]) for b in batches for i in range(3)]
-    for tokens, targets in rows:
-        assert tokens.shape == (64,) and targets.shape == (64,)
-        assert (tokens[1:] == targets[:-1]).all()
-    for (_, prev_targets), (next_tokens, _) in zip(rows, rows[1:]):
-        assert next_tokens[0] == prev_targets[-1]
+    return [TokenLoader(sources or [src], layout, seq_len, global_batch, mbs, rank, dp, seed) for rank in range(dp)]
 
 
-def test_stream_reproduces_the_documents_exactly(source):
-    """Concatenating the rows gives back the documents, in order, with nothing lost or added."""
+def test_global_batches_do_not_depend_on_the_layout(source):
+    reference = global_rows(make(source, dp=1, mbs=8), 5)
+    for dp, mbs in ((1, 2), (2, 4), (2, 1), (4, 2), (8, 1)):
+        other = global_rows(make(source, dp=dp, mbs=mbs), 5)
+        for a, b in zip(reference, other):
+            for k in a:
+                assert np.array_equal(a[k], b[k]), (dp, mbs, k)
+
+
+def test_rows_are_full_and_each_stream_chains_with_an_overlap_of_one(source):
+    steps = global_rows(make(source, dp=1, mbs=4), 4)
+    for step in steps:
+        assert step["tokens"].shape == (8, 48)
+        assert (step["tokens"][:, 1:] == step["targets"][:, :-1]).all()
+    for prev, nxt in zip(steps, steps[1:]):
+        assert (nxt["tokens"][:, 0] == prev["targets"][:, -1]).all()  # row r of step n+1 continues row r
+
+
+def test_a_stream_reproduces_its_documents_exactly(source):
+    """Stream 0's rows, joined, are documents 0, P, 2P, ... of the source with nothing lost or added."""
     src, layout = source
-    loader = TokenLoader([src], layout, seq_len=50, micro_batch_size=2)
-    stream = []
-    for b in take(loader, 10):
-        for tokens, targets in zip(b["tokens"], b["targets"]):
-            stream += ([int(tokens[0])] if not stream else []) + targets.tolist()
-    docs = []
-    cursor = SourceCursor(src, seed=0, consumer=0, consumers=1, state=None)
+    steps = global_rows(make(source, dp=1, mbs=8), 6)
+    stream = [int(steps[0]["tokens"][0, 0])]
+    for step in steps:
+        stream += step["targets"][0].tolist()
+    reader, docs = SourceReader(src, layout, seed=3), []
     while sum(map(len, docs)) < len(stream):
-        docs.append(cursor.next_document(layout)[0].tolist())
+        docs.append(reader.read(8 * len(docs))[0].tolist())
     assert stream == sum(docs, [])[:len(stream)]
+
+
+def test_every_document_once_per_epoch_in_a_shuffled_shard_order(source):
+    src, layout = source
+    reader = SourceReader(src, layout, seed=0)
+    n = reader.docs_per_epoch
+    assert n == 160
+    for epoch in (0, 1):
+        places = {reader._locate(epoch * n + k) for k in range(n)}
+        assert len(places) == n
+    first_shard = [reader._locate(e * n)[0] for e in range(6)]
+    assert len(set(first_shard)) > 1  # epochs visit shards in different orders
 
 
 def test_loss_kinds_and_document_boundaries(source):
     src, layout = source
-    b = next(TokenLoader([src], layout, seq_len=256, micro_batch_size=4))
+    b = make(source, dp=1, mbs=8, seq_len=256)[0].next_step()[0]
     doc_ids, kinds, targets = b["doc_ids"], b["loss_kind"], b["targets"]
     boundary = doc_ids[:, 1:] != doc_ids[:, :-1]
     assert boundary.any()
@@ -61,71 +91,42 @@ def test_loss_kinds_and_document_boundaries(source):
         assert (row_pos[starts] == 0).all()
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_continues_exactly(source, workers):
+def test_resume_under_another_data_parallel_size_continues_exactly(source):
     src, layout = source
-    a = TokenLoader([src, Source("again", src.path, 0.5, src.shards)], layout, 48, 2, dp_rank=1, dp_size=2,
-                    seed=5, num_workers=workers)
-    take(a, 5)
-    state = json.loads(json.dumps(a.state_dict()))  # survives a JSON round trip
-    expected = take(a, 6)
-    b = TokenLoader([src, Source("again", src.path, 0.5, src.shards)], layout, 48, 2, dp_rank=1, dp_size=2,
-                    seed=5, num_workers=workers)
-    b.load_state_dict(state)
-    for x, y in zip(expected, take(b, 6)):
-        for key in x:
-            assert (x[key] == y[key]).all(), key
+    two = [Source("a", src.path, 1.0, src.shards), Source("b", src.path, 0.5, src.shards)]
+    saved = make(source, dp=2, mbs=2, sources=two)
+    global_rows(saved, 3)
+    state = json.loads(json.dumps(merge_states([loader.state_dict() for loader in saved])))  # JSON round trip
+    expected = global_rows(saved, 4)
+    for dp, mbs in ((1, 4), (2, 2), (4, 1)):
+        resumed = make(source, dp=dp, mbs=mbs, sources=two)
+        for loader in resumed:
+            loader.load_state_dict(state)
+        for a, b in zip(expected, global_rows(resumed, 4)):
+            for k in a:
+                assert np.array_equal(a[k], b[k]), (dp, k)
 
 
-def test_resume_refuses_another_worker_count(source):
-    src, layout = source
-    a = TokenLoader([src], layout, 32, 1, num_workers=0)
-    take(a, 1)
-    b = TokenLoader([src], layout, 32, 1, num_workers=2)
-    with pytest.raises(ValueError, match="data.num_workers=0"):
-        b.load_state_dict(a.state_dict())
-
-
-def test_each_document_once_per_epoch_across_ranks_and_workers(source):
-    src, layout = source
-    keys = [s["__key__"] for shard in src.shards for s in iter_samples(shard)]
-    consumers = 2 * 3  # dp 2 x workers 3
-    seen = []
-    for c in range(consumers):
-        cursor = SourceCursor(src, seed=0, consumer=c, consumers=consumers, state=None)
-        stream = cursor._samples()
-        for sample in stream:
-            if cursor.epoch > 0:  # the first document of the next epoch
-                break
-            seen.append(sample["__key__"])
-    assert sorted(seen) == sorted(keys)
+def test_resume_refuses_another_global_batch(source):
+    loader = make(source, dp=1, mbs=4)[0]
+    other = make(source, dp=1, mbs=4, global_batch=16)[0]
+    with pytest.raises(ValueError, match="Keep data.global_batch_size and data.seq_len"):
+        other.load_state_dict(loader.state_dict())
 
 
 def test_mixing_weights_are_respected(source):
     src, layout = source
     heavy, light = Source("heavy", src.path, 3.0, src.shards), Source("light", src.path, 1.0, src.shards)
-    loader = TokenLoader([heavy, light], layout, 128, 4, seed=1)
-    take(loader, 40)
-    sources = loader.state_dict()["worker_states"][0]["sources"]
-    drawn = {name: s["k"] + s["epoch"] * 160 for name, s in sources.items()}
+    loader = TokenLoader([heavy, light], layout, 128, 8, 8, seed=1)
+    for _ in range(20):
+        loader.next_step()
+    drawn = {name: sum(s.next_doc[name] for s in loader.streams) for name in ("heavy", "light")}
     assert 0.65 < drawn["heavy"] / (drawn["heavy"] + drawn["light"]) < 0.85
 
 
-def test_sources_of_different_vocabularies_are_refused(world, tmp_path):
-    other = tmp_path / "other"
-    shutil.copytree(world / "tokens", other)
-    manifest = json.loads((other / "manifest.json").read_text())
-    manifest["fingerprint"] = "f" * 16
-    (other / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="different vocabularies"):
-        read_manifest_fingerprints([Source.open("a", world / "tokens", 1), Source.open("b", other, 1)])
-
-
 def test_bad_token_samples_and_shards_are_skipped_and_counted(source, tmp_path, capsys):
-    from data_pipeline.shards import ShardWriter, npy_bytes
-
     src, layout = source
-    good = [s for s in iter_samples(src.shards[0])][:6]
+    good = [s for s in iter_samples(src.shards[0])][:8]
     with ShardWriter(tmp_path, "tokens-a", max_count=None) as w:
         for i, sample in enumerate(good):
             sample = {k: v for k, v in sample.items() if k != "__shard__"}
@@ -137,11 +138,21 @@ def test_bad_token_samples_and_shards_are_skipped_and_counted(source, tmp_path, 
                 del sample["spans.json"]
             w.write(sample)
     broken = tmp_path / "tokens-b.tar"
-    broken.write_bytes((tmp_path / "tokens-a.tar").read_bytes()[:3000])  # cut inside the shard
+    broken.write_bytes((tmp_path / "tokens-a.tar").read_bytes()[:5000])  # cut inside the shard
     bad = Source("bad", tmp_path, 1.0, [tmp_path / "tokens-a.tar", broken])
-    loader = TokenLoader([bad], layout, 32, 2)
-    take(loader, 8)
-    skipped = loader.state_dict()["worker_states"][0]["sources"]["bad"]["skipped"]
-    assert skipped["bad_token_sample"] >= 3 and skipped["unreadable_shard"] >= 1
-    assert loader.skipped() == sum(skipped.values())
-    assert "tokens-a.tar" in capsys.readouterr().err
+    loader = TokenLoader([bad], layout, 32, 1, 1)
+    for _ in range(30):
+        loader.next_step()
+    assert loader.skipped() >= 3
+    err = capsys.readouterr().err
+    assert "tokens-a.tar" in err and "tokens-b.tar: truncated" in err
+
+
+def test_sources_of_different_vocabularies_are_refused(world, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(world / "tokens", other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["fingerprint"] = "f" * 16
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="different vocabularies"):
+        read_manifest_fingerprints([Source.open("a", world / "tokens", 1), Source.open("b", other, 1)])

@@ -34,8 +34,7 @@ def build(preset="emu3", **kw):
 
     cfg = ModelConfig(preset=preset, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=200, **kw)
     cfg.resolve_preset()
-    torch.manual_seed(0)
-    return Transformer(cfg, megatron_config(TrainConfig(model=cfg))), cfg
+    return Transformer(cfg, megatron_config(TrainConfig(model=cfg)), seed=0), cfg
 
 
 def test_logits_shape_and_padded_vocab(groups):

@@ -12,7 +12,7 @@ from pretrain.metrics import read_metrics
 
 def train_args(world, out, *extra):
     return ["train", REPO / "configs" / "tiny.yaml", f"out_dir={out}", f"data.sources.shapes.path={world / 'tokens'}",
-            f"eval.sources.shapes.path={world / 'heldout_tokens'}", "eval.batches=2", "schedule.steps=6",
+            f"eval.sources.shapes.path={world / 'heldout_tokens'}", "eval.sequences=8", "schedule.steps=6",
             "schedule.warmup_steps=2", "checkpoint.interval=3", "logging.interval=1", *extra]
 
 
