@@ -4,7 +4,7 @@
 
 For each size and dtype, both do full training steps (forward, backward, AdamW) on the same batch
 shape (micro-batch x 512 tokens, one document per row): Loom through its real path (megatron-core
-layers, DeepSpeed engine, one process), HF with SDPA attention (bf16: autocast with fp32 weights).
+layers, DeepSpeed engine without ZeRO: one process has nothing to shard), HF with SDPA attention (bf16: autocast with fp32 weights).
 Prints tokens/s, TFLOP/s, MFU against the GEMM peak measured here (pretrain.flops), and Loom/HF.
 """
 
@@ -42,7 +42,7 @@ def config(size: str, bf16: bool, batch: int) -> TrainConfig:
     cfg = build(TrainConfig, {"model": {**SIZES[size], "vocab_size": VOCAB},
                               "data": {"seq_len": SEQ, "global_batch_size": batch, "micro_batch_size": batch,
                                        "sources": {"bench": {"path": "-"}}},
-                              "parallel": {"bf16": bf16, "zero_stage": 1}, "optimizer": {"grad_clip": 1.0},
+                              "parallel": {"bf16": bf16, "zero_stage": 0}, "optimizer": {"grad_clip": 1.0},
                               "schedule": {"steps": 1000, "warmup_steps": 0}})
     cfg.model.resolve_preset()
     return cfg

@@ -182,7 +182,7 @@ def parallelize(cfg: TrainConfig, layout: Layout, pipeline_loss=None):
     o = cfg.optimizer
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+                                  lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     # DeepSpeed refuses an mpu with a pipeline; its grid from the topology matches megatron's groups
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
