@@ -2,7 +2,8 @@
 
 DESIGN §5: megatron-core owns the process groups (`initialize_model_parallel`, rank order
 tp-cp-ep-dp-pp) and the tensor-parallel layers; DeepSpeed owns data parallelism, ZeRO, bf16,
-gradient clipping and accumulation. DeepSpeed sees megatron's groups through `MegatronMPU`.
+gradient clipping and accumulation, and pipelining (pretrain/pipeline.py). DeepSpeed sees
+megatron's groups through `MegatronMPU`, or through the pipeline topology, which orders ranks alike.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 from .config import TrainConfig
 
@@ -22,11 +24,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402  (reads DS_ACCELERATOR at import)
-from megatron.core import parallel_state  # noqa: E402
+from megatron.core import parallel_state, tensor_parallel  # noqa: E402
 from megatron.core.model_parallel_config import ModelParallelConfig  # noqa: E402
-
-from megatron.core import tensor_parallel  # noqa: E402
-from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 from . import megatron_cpu  # noqa: E402
 from .model import Block, RMSNorm, Transformer  # noqa: E402
