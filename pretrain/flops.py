@@ -32,6 +32,8 @@ def measure_peak_tflops(dim: int, dtype: torch.dtype, device: torch.device, seco
     a = torch.randn(4096, dim, dtype=dtype, device=device)
     b = torch.randn(dim, 4 * dim, dtype=dtype, device=device)
     a @ b  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     runs, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
