@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py [--sizes 10M 50M] [--dtypes fp32 bf16] [--steps 4]
 
+Loom runs with model.compile=true unless --no-compile (compilation happens in the warm-up steps).
 For each size and dtype, both do full training steps (forward, backward, AdamW) on the same batch
 shape (micro-batch x 512 tokens, one document per row): Loom through its real path (megatron-core
 layers, DeepSpeed engine without ZeRO: one process has nothing to shard), HF with SDPA attention (bf16: autocast with fp32 weights).
@@ -38,8 +39,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def config(size: str, bf16: bool, batch: int) -> TrainConfig:
-    cfg = build(TrainConfig, {"model": {**SIZES[size], "vocab_size": VOCAB},
+def config(size: str, bf16: bool, batch: int, compile_blocks: bool) -> TrainConfig:
+    cfg = build(TrainConfig, {"model": {**SIZES[size], "vocab_size": VOCAB, "compile": compile_blocks},
                               "data": {"seq_len": SEQ, "global_batch_size": batch, "micro_batch_size": batch,
                                        "sources": {"bench": {"path": "-"}}},
                               "parallel": {"bf16": bf16, "zero_stage": 0}, "optimizer": {"grad_clip": 1.0},
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--batch", type=int, default=2, help="sequences of 512 tokens per step")
     parser.add_argument("--steps", type=int, default=4, help="timed steps after 2 warm-up steps")
+    parser.add_argument("--no-compile", action="store_true", help="run Loom's blocks eagerly (model.compile=false)")
     args = parser.parse_args()
 
     import torch.distributed as dist
@@ -110,7 +112,7 @@ def main() -> None:
     print(f"{'size':>5} {'dtype':>5} {'params':>7} {'peak TF/s':>9} | {'impl':>4} {'tok/s':>8} {'TFLOP/s':>8} {'MFU':>6}")
     for size in args.sizes:
         for dtype in args.dtypes:
-            cfg = config(size, dtype == "bf16", args.batch)
+            cfg = config(size, dtype == "bf16", args.batch, not args.no_compile)
             peak = measure_peak_tflops(cfg.model.dim, torch.bfloat16 if dtype == "bf16" else torch.float32,
                                        torch.device("cpu"), seconds=1.0)
             flops = flops_per_token(cfg.model, SEQ) * args.batch * SEQ

@@ -40,6 +40,8 @@ class ModelConfig:
     rope_theta: float = doc("RoPE base frequency.", 10000.0)
     norm_eps: float = doc("Epsilon of RMSNorm and of the qk LayerNorm.", 1e-5)
     init_std: float = doc("Standard deviation of the normal weight initialisation.", 0.02)
+    compile: bool = doc("torch.compile each block (fuses norms, RoPE and SwiGLU; the first step pays the "
+                        "compilation).", False)
     activation_checkpointing: str = doc("Recompute activations in the backward pass: 'none', 'full' (every "
                                         "block) or 'attention' (only the attention sublayer).", "none")
     qk_norm: bool | None = doc("LayerNorm with bias over head_dim on queries and keys, per head "

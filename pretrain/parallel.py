@@ -153,6 +153,13 @@ def activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
             target.forward = functools.partial(checkpoint, target.forward, use_reentrant=False)
 
 
+def compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile every block (after recomputation is applied, so checkpointed forwards compile too)."""
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.compile()
+
+
 def parallelize(cfg: TrainConfig, layout: Layout, pipeline_loss=None):
     """Build the model and apply parallelism, in this order:
 
@@ -162,8 +169,9 @@ def parallelize(cfg: TrainConfig, layout: Layout, pipeline_loss=None):
        gradient all-reduce;
     2. pipeline staging (pp > 1): a DeepSpeed PipelineModule that builds only this stage's layers;
     3. activation checkpointing of blocks or attention sublayers;
-    4. placement on the device;
-    5. data parallelism, ZeRO, bf16, clipping and accumulation: DeepSpeed's engine, which sees
+    4. torch.compile of the blocks (model.compile);
+    5. placement on the device;
+    6. data parallelism, ZeRO, bf16, clipping and accumulation: DeepSpeed's engine, which sees
        megatron's groups through MegatronMPU (plain engine) or the matching pipeline topology.
     Returns the DeepSpeed engine (a PipelineEngine when pp > 1).
     """
@@ -175,6 +183,8 @@ def parallelize(cfg: TrainConfig, layout: Layout, pipeline_loss=None):
     if cfg.parallel.sequence_parallel:
         sequence_parallel_norms(model)
     activation_checkpointing(model, cfg.model.activation_checkpointing)
+    if cfg.model.compile:
+        compile_blocks(model)
     model.to(layout.device)
     no_decay = [p for n, p in model.named_parameters() if "norm" in n]
     decay = [p for n, p in model.named_parameters() if "norm" not in n]

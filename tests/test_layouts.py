@@ -20,6 +20,7 @@ LAYOUTS = {
     "tp4-sequence-parallel": ["parallel.tp=4", "parallel.sequence_parallel=true"],
     "tp2-dp2-full-recompute": ["parallel.tp=2", "model.activation_checkpointing=full"],
     "tp2-dp2-attention-recompute": ["parallel.tp=2", "model.activation_checkpointing=attention"],
+    "tp2-dp2-compiled-blocks": ["parallel.tp=2", "model.compile=true"],
 }
 
 
