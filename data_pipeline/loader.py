@@ -201,10 +201,6 @@ class TokenLoader:
                         for s in self.owned]
         self.steps = 0
 
-    @property
-    def grad_accum_steps(self) -> int:
-        return len(self.owned) // self.micro_batch_size
-
     def next_step(self) -> list[dict]:
         """The micro-batches of this rank for the next optimizer step: (mbs, seq_len) tensors each."""
         rows = [stream.next_row() for stream in self.streams]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,9 +33,6 @@ class TrainState:
         set_rng_state(per_rank["rng"])
         return cls(step=shared["step"], consumed_tokens=dict(shared["consumed_tokens"]),
                    fingerprint=shared["fingerprint"])
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def rng_state() -> dict:
