@@ -45,25 +45,24 @@ class Source:
     path: Path
     weight: float
     shards: list[Path]
+    fingerprint: str = ""
+    layout: VocabLayout | None = None
 
     @classmethod
     def open(cls, name: str, path: str | Path, weight: float) -> "Source":
         path = Path(path)
         manifest = read_json(path / "manifest.json")
-        return cls(name, path, weight, [path / s for s in manifest["shards"]] or list_shards(path))
+        return cls(name, path, weight, [path / s for s in manifest["shards"]] or list_shards(path),
+                   manifest["fingerprint"], VocabLayout.from_dict(manifest["layout"]))
 
 
 def read_manifest_fingerprints(sources: list[Source]) -> tuple[str, VocabLayout]:
     """The common fingerprint and layout of all sources; refuses sources that disagree."""
-    seen = {}
-    for src in sources:
-        manifest = read_json(src.path / "manifest.json")
-        seen[src.name] = (manifest["fingerprint"], VocabLayout.from_dict(manifest["layout"]))
-    if len({fp for fp, _ in seen.values()}) != 1:
-        detail = ", ".join(f"{name}: {fp}" for name, (fp, _) in seen.items())
+    if len({src.fingerprint for src in sources}) != 1:
+        detail = ", ".join(f"{src.name}: {src.fingerprint}" for src in sources)
         raise ValueError(f"data sources were tokenized with different vocabularies ({detail}); "
                          f"retokenize them with the same tokenizers")
-    return next(iter(seen.values()))
+    return sources[0].fingerprint, sources[0].layout
 
 
 def loss_kinds(tokens: np.ndarray, spans: list, layout: VocabLayout) -> np.ndarray:

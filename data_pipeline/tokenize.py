@@ -111,11 +111,12 @@ def tokenize(raw_dirs: list[str | Path], out_dir: str | Path, text_model: str | 
     text, visual = TextTokenizer(text_model), VisualTokenizer.from_pretrained(vq_dir)
     layout = VocabLayout(text.vocab_size, visual.codebook_size)
     fp = fingerprint(layout, text_model, vq_dir)
-    existing = out_dir / "vocab.json"
-    if existing.exists() and read_json(existing)["fingerprint"] != fp:
-        raise ValueError(f"{out_dir} holds token shards of another vocabulary (fingerprint "
-                         f"{read_json(existing)['fingerprint']} != {fp}); use a new output directory")
-    write_json_atomic(existing, {"layout": layout.to_dict(), "fingerprint": fp})
+    vocab_file = out_dir / "vocab.json"
+    previous = read_json(vocab_file)["fingerprint"] if vocab_file.exists() else fp
+    if previous != fp:
+        raise ValueError(f"{out_dir} holds token shards of another vocabulary (fingerprint {previous} != {fp}); "
+                         f"use a new output directory")
+    write_json_atomic(vocab_file, {"layout": layout.to_dict(), "fingerprint": fp})
     shutil.copy(text_model, out_dir / "text_tokenizer.model")
     encoder = DocumentEncoder(text, visual, layout, image_size, video_frames)
     shards = [s for d in raw_dirs for s in list_shards(d)]

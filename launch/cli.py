@@ -13,15 +13,13 @@ class UserError(Exception):
 
 
 def cmd_train(args) -> int:
-    from pretrain.config import load_config, validate
+    from pretrain.config import TrainConfig, build, load_config, load_tree, validate
 
-    from .torchrun import inside_torchrun, run_torchrun
+    from .torchrun import check_sources, inside_torchrun, run_torchrun
 
-    if not inside_torchrun():
-        cfg = load_config(args.config, args.overrides)  # fail fast, before any process starts
+    if not inside_torchrun():  # fail fast, before any process starts
+        cfg = build(TrainConfig, load_tree(args.config, args.overrides))
         validate(cfg, world_size=cfg.parallel.nproc_per_node)
-        from .torchrun import check_sources
-
         check_sources(cfg)
         return run_torchrun((["--debug"] if args.debug else []) + ["train", args.config, *args.overrides],
                             cfg.parallel.nproc_per_node)

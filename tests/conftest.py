@@ -36,6 +36,18 @@ def world(tmp_path_factory):
     return root
 
 
+def copy_with_fingerprint(src: Path, dst: Path, json_name: str, fingerprint: str) -> Path:
+    """A copy of a token directory whose `json_name` file claims another vocabulary fingerprint."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    data = json.loads((dst / json_name).read_text())
+    data["fingerprint"] = fingerprint
+    (dst / json_name).write_text(json.dumps(data))
+    return dst
+
+
 def run_loom(*args, cwd=None, timeout=600, env=None):
     """Run the `loom` CLI in a fresh interpreter; returns the CompletedProcess (text output)."""
     import subprocess

@@ -1,11 +1,11 @@
 import json
-import shutil
 
 import numpy as np
 import pytest
 
 from data_pipeline.loader import Source, SourceReader, TokenLoader, merge_states, read_manifest_fingerprints
 from data_pipeline.shards import ShardWriter, iter_samples, npy_bytes
+from conftest import copy_with_fingerprint
 from data_pipeline.vocab import IGNORE, IMAGE, TEXT, VISUAL_STRUCTURE
 
 
@@ -149,10 +149,6 @@ def test_bad_token_samples_and_shards_are_skipped_and_counted(source, tmp_path, 
 
 
 def test_sources_of_different_vocabularies_are_refused(world, tmp_path):
-    other = tmp_path / "other"
-    shutil.copytree(world / "tokens", other)
-    manifest = json.loads((other / "manifest.json").read_text())
-    manifest["fingerprint"] = "f" * 16
-    (other / "manifest.json").write_text(json.dumps(manifest))
+    other = copy_with_fingerprint(world / "tokens", tmp_path / "other", "manifest.json", "f" * 16)
     with pytest.raises(ValueError, match="different vocabularies"):
         read_manifest_fingerprints([Source.open("a", world / "tokens", 1), Source.open("b", other, 1)])

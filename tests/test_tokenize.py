@@ -4,6 +4,7 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import copy_with_fingerprint
 from data_pipeline.shards import ShardWriter, iter_samples, npy_load, read_json
 from data_pipeline.shapes import make_document
 from data_pipeline.tokenize import tokenize
@@ -78,10 +79,6 @@ def test_bad_samples_are_skipped_counted_and_reruns_skip_done_shards(world, tmp_
 
 
 def test_tokenize_refuses_a_directory_of_another_vocabulary(world, tmp_path):
-    out = tmp_path / "tokens"
-    shutil.copytree(world / "tokens", out)
-    data = json.loads((out / "vocab.json").read_text())
-    data["fingerprint"] = "0" * 16
-    (out / "vocab.json").write_text(json.dumps(data))
+    out = copy_with_fingerprint(world / "tokens", tmp_path / "tokens", "vocab.json", "0" * 16)
     with pytest.raises(ValueError, match="another vocabulary"):
         tokenize([world / "raw"], out, world / "tok" / "text_tokenizer.model", world / "tok" / "vq", 32, 8)
