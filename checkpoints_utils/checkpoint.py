@@ -1,17 +1,20 @@
-"""Atomic checkpoints around DeepSpeed's `save_checkpoint` (DESIGN §6).
+"""Atomic, verified checkpoints around DeepSpeed's `save_checkpoint`, loadable by any layout (DESIGN §6).
 
 Layout of a run's `checkpoints/` folder:
     step_000100/            DeepSpeed's model and optimizer shards (every rank writes its own)
-        loom_state.json     step, consumed tokens, fingerprint (rank 0)
+        loom_state.json     step, consumed tokens, fingerprint, and the layout that saved it (rank 0)
         data_state.json     the position of every packing stream of the loader (gathered by rank 0);
                             layout-independent, so it also resumes under another data-parallel size
         loom_rank00000.pt   RNG states of global rank 0 (one per rank)
         config.yaml         the resolved config of the run
-        COMPLETE            written by rank 0 after a barrier: all ranks finished writing
+        MANIFEST.json       size and sha256 of every file above, hashed by all ranks after a barrier
+        COMPLETE            written by rank 0 after the manifest: the checkpoint counts from here
+        portable/           written on the first resume under another layout (checkpoints_utils.portable)
     latest                  the tag of the newest COMPLETE checkpoint, replaced atomically
 
 DeepSpeed's own `latest` is not used: it is written without waiting for the other ranks. A
-checkpoint without COMPLETE (a run killed while saving) is ignored and the previous one is used.
+checkpoint without COMPLETE (a run killed while saving) is ignored, the previous one is used, and
+the next save deletes it. Older complete checkpoints are deleted only after a newer one completed.
 """
 
 from __future__ import annotations
@@ -23,12 +26,19 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from data_pipeline.loader import merge_states
-from pretrain.config import TrainConfig, dump_yaml
+from pretrain import faults
+from pretrain.config import ConfigError, TrainConfig, dump_yaml
 from pretrain.train_state import TrainState
+from .consolidate import CheckpointError
+from .manifest import COMPLETE, verify, write_manifest
+from .portable import MODEL_FILE, load_portable, portable_from_deepspeed
 
-COMPLETE = "COMPLETE"
+# Fields that change the weights' shapes or meaning: a checkpoint loads only into the same values.
+ARCHITECTURE = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "vocab_pad_multiple",
+                "qk_norm", "swin_norm", "norm_eps", "rope_theta")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -58,43 +68,87 @@ def latest_tag(run_dir: str | Path) -> str | None:
     return tags[-1] if tags else None
 
 
+def layout_record(cfg: TrainConfig, world_size: int) -> dict:
+    p = cfg.parallel
+    return {"tp": p.tp, "pp": p.pp, "dp": world_size // (p.tp * p.pp), "zero_stage": p.zero_stage,
+            "bf16": p.bf16, "world_size": world_size}
+
+
+def mark_complete(folder: Path, root: Path) -> None:
+    """Rank 0, after every rank finished writing and the manifest exists: COMPLETE, then `latest`."""
+    (folder / COMPLETE).write_text("complete\n")
+    tmp = root / "latest.tmp"
+    tmp.write_text(folder.name + "\n")
+    os.replace(tmp, root / "latest")
+
+
+def remove_incomplete(root: Path) -> None:
+    for path in root.iterdir() if root.is_dir() else []:
+        if path.is_dir() and not (path / COMPLETE).exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def save(engine, run_dir: str | Path, state: TrainState, cfg: TrainConfig, keep_last: int, loader) -> str:
     root = checkpoint_dir(run_dir)
     tag = tag_for(state.step)
-    rank = dist.get_rank()
-    loader_states = [None] * dist.get_world_size() if rank == 0 else None
+    folder = root / tag
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0:
+        remove_incomplete(root)  # leftovers of a save that was killed, this step's included
+    loader_states = [None] * world if rank == 0 else None
     dist.gather_object(loader.state_dict(), loader_states, dst=0)
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    torch.save(state.per_rank(), root / tag / f"loom_rank{rank:05d}.pt")
+    torch.save(state.per_rank(), folder / f"loom_rank{rank:05d}.pt")
     if rank == 0:
-        (root / tag / "loom_state.json").write_text(json.dumps(state.shared(), indent=2))
-        (root / tag / "data_state.json").write_text(json.dumps(merge_states(loader_states)))
-        dump_yaml(cfg, root / tag / "config.yaml")
+        shared = {**state.shared(), "layout": layout_record(cfg, world)}
+        (folder / "loom_state.json").write_text(json.dumps(shared, indent=2))
+        (folder / "data_state.json").write_text(json.dumps(merge_states(loader_states)))
+        dump_yaml(cfg, folder / "config.yaml")
+    faults.maybe_fail("save", state.step, rank)
     dist.barrier()
+    write_manifest(folder)
     if rank == 0:
-        (root / tag / COMPLETE).write_text(f"{dist.get_world_size()}\n")
-        tmp = root / "latest.tmp"
-        tmp.write_text(tag + "\n")
-        os.replace(tmp, root / "latest")
+        mark_complete(folder, root)
         for old in complete_tags(run_dir)[:-keep_last]:
             shutil.rmtree(root / old, ignore_errors=True)
     dist.barrier()
     return tag
 
 
-def load(engine, run_dir: str | Path, tag: str) -> TrainState:
-    root = checkpoint_dir(run_dir)
-    rank = dist.get_rank()
-    per_rank_file = root / tag / f"loom_rank{rank:05d}.pt"
-    saved_world = int((root / tag / COMPLETE).read_text().split()[0])
-    if saved_world != dist.get_world_size() or not per_rank_file.exists():
-        raise RuntimeError(f"{root / tag} was saved by {saved_world} processes; this run has "
-                           f"{dist.get_world_size()}. Resume with the same layout (resharding comes "
-                           f"with checkpoint conversion)")
-    load_path, _ = engine.load_checkpoint(str(root), tag=tag)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load {root / tag}")
-    shared = json.loads((root / tag / "loom_state.json").read_text())
-    state = TrainState.restore(shared, torch.load(per_rank_file, weights_only=False))
-    state.loader = json.loads((root / tag / "data_state.json").read_text())
+def check_architecture(folder: Path, cfg: TrainConfig) -> None:
+    saved = yaml.safe_load((folder / "config.yaml").read_text())["model"]
+    ours = {k: getattr(cfg.model, k) for k in ARCHITECTURE}
+    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in ours.items() if saved.get(k) != v]
+    if diffs:
+        raise ConfigError(f"{folder} holds another model ({'; '.join(diffs)}); set these to the checkpoint's "
+                          f"values or start a new out_dir")
+
+
+def load(engine, run_dir: str | Path, tag: str, cfg: TrainConfig, log=print) -> TrainState:
+    """Verify the checkpoint, then load it: DeepSpeed's own load in the saving layout, else the portable
+    path (consolidated once by rank 0, sliced by every rank) for any other (TP, PP, DP, ZeRO, bf16)."""
+    folder = checkpoint_dir(run_dir) / tag
+    verify(folder)
+    check_architecture(folder, cfg)
+    shared = json.loads((folder / "loom_state.json").read_text())
+    rank, world = dist.get_rank(), dist.get_world_size()
+    saved = shared.get("layout")  # None: a portable checkpoint (an import from Hugging Face)
+    if saved == layout_record(cfg, world):
+        load_path, _ = engine.load_checkpoint(str(folder.parent), tag=tag)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {folder}")
+        state = TrainState.restore(shared, torch.load(folder / f"loom_rank{rank:05d}.pt", weights_only=False))
+    else:
+        portable = folder
+        if saved is not None:
+            portable = folder / "portable"
+            log(f"{folder} was saved with layout {saved}; resharding to {layout_record(cfg, world)}")
+            if rank == 0 and not (portable / MODEL_FILE).exists():
+                portable_from_deepspeed(folder, saved, cfg.model.n_layers, portable)
+            dist.barrier()
+        load_portable(engine, portable, cfg.model.n_layers, cfg.parallel.pp > 1, cfg.parallel.tp)
+        state = TrainState.restore(shared, None)
+    data_state = folder / "data_state.json"
+    state.loader = json.loads(data_state.read_text()) if data_state.exists() else None
+    faults.maybe_fail("load", state.step, rank)
     return state

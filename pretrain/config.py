@@ -95,7 +95,8 @@ class DataConfig:
 class ParallelConfig:
     tp: int = doc("Tensor-parallel size (megatron-core layers).", 1)
     pp: int = doc("Pipeline-parallel size.", 1)
-    zero_stage: int = doc("DeepSpeed ZeRO stage, 0 to 3 (0 or 1 with pp > 1).", 1)
+    zero_stage: int = doc("DeepSpeed ZeRO stage, 1 to 3 (1 with pp > 1). Stage 1 with one data-parallel rank is "
+                              "plain data parallelism; stage 0 is not offered, its checkpoints do not reshard.", 1)
     sequence_parallel: bool = doc("Megatron sequence parallelism: norms and the residual stream split along "
                                   "the sequence inside the TP group (needs tp > 1, seq_len divisible by tp).",
                                   False)
@@ -319,11 +320,11 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         if value % p.tp:
             raise ConfigError(f"{name} ({value}) must be divisible by parallel.tp ({p.tp}); "
                               f"change one of them")
-    if p.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
+    if p.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3, got {p.zero_stage}")
     if p.pp > 1 and p.zero_stage > 1:
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed's "
-                          f"pipeline engine supports ZeRO 0 or 1 only; set parallel.zero_stage=1 or "
+                          f"pipeline engine supports ZeRO 1 only; set parallel.zero_stage=1 or "
                           f"parallel.pp=1")
     if p.pp > 1 and m.n_layers < p.pp:
         raise ConfigError(f"parallel.pp={p.pp} stages need at least as many blocks; model.n_layers is {m.n_layers}")

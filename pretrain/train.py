@@ -48,11 +48,15 @@ def train(cfg: TrainConfig) -> dict:
     state = TrainState(fingerprint=fingerprint)
     tag = checkpoint.latest_tag(run_dir) if cfg.checkpoint.resume else None
     if tag is not None:
-        state = checkpoint.load(engine, run_dir, tag)
-        if state.fingerprint != fingerprint:
+        state = checkpoint.load(engine, run_dir, tag, cfg, log=lambda m: log(layout, m))
+        if not state.fingerprint:  # imported weights: no record of the data they were trained on
+            log(layout, f"{checkpoint.checkpoint_dir(run_dir) / tag}: imported weights; continuing on data with vocabulary {fingerprint}")
+            state.fingerprint = fingerprint
+        elif state.fingerprint != fingerprint:
             raise ConfigError(f"{run_dir}: the checkpoint was trained on vocabulary {state.fingerprint}, "
                               f"the data has {fingerprint}; use data tokenized with the same tokenizers")
-        loader.load_state_dict(state.loader)
+        if state.loader is not None:
+            loader.load_state_dict(state.loader)
         log(layout, f"resumed from {checkpoint.checkpoint_dir(run_dir) / tag} at step {state.step}")
     metrics = MetricsLogger(run_dir, layout.rank == 0, cfg.logging.tensorboard, state.step)
     peak = cfg.logging.peak_tflops or measure_peak_tflops(

@@ -29,10 +29,13 @@ class TrainState:
         return {"rng": rng_state()}
 
     @classmethod
-    def restore(cls, shared: dict, per_rank: dict) -> "TrainState":
-        set_rng_state(per_rank["rng"])
+    def restore(cls, shared: dict, per_rank: dict | None) -> "TrainState":
+        """`per_rank` None: another layout resumes, whose ranks have no saved RNG streams of their own
+        (nothing in training draws random numbers after initialisation: no dropout)."""
+        if per_rank is not None:
+            set_rng_state(per_rank["rng"])
         return cls(step=shared["step"], consumed_tokens=dict(shared["consumed_tokens"]),
-                   fingerprint=shared["fingerprint"])
+                   fingerprint=shared.get("fingerprint", ""))
 
 
 def rng_state() -> dict:
