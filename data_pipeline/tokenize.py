@@ -116,7 +116,9 @@ def tokenize(raw_dirs: list[str | Path], out_dir: str | Path, text_model: str | 
     if previous != fp:
         raise ValueError(f"{out_dir} holds token shards of another vocabulary (fingerprint {previous} != {fp}); "
                          f"use a new output directory")
-    write_json_atomic(vocab_file, {"layout": layout.to_dict(), "fingerprint": fp})
+    # where the tokenizers came from: `loom convert to-hf --format emu3` packs them with the model
+    write_json_atomic(vocab_file, {"layout": layout.to_dict(), "fingerprint": fp, "image_size": image_size,
+                                   "visual_tokenizer": str(Path(vq_dir).resolve())})
     shutil.copy(text_model, out_dir / "text_tokenizer.model")
     encoder = DocumentEncoder(text, visual, layout, image_size, video_frames)
     shards = [s for d in raw_dirs for s in list_shards(d)]

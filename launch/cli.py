@@ -97,6 +97,48 @@ def cmd_quickstart(args) -> int:
     return quickstart(args.out, args.docs, args.steps, args.vq_steps, force=args.force)
 
 
+def cmd_to_hf(args) -> int:
+    from checkpoints_utils.convert import export_hf
+
+    export_hf(args.checkpoint, args.out, args.format, args.visual_tokenizer, args.data)
+    return 0
+
+
+def cmd_from_hf(args) -> int:
+    from checkpoints_utils.convert import import_hf
+
+    import_hf(args.hf_dir, args.out)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    import json
+
+    from checkpoints_utils.checkpoint import inspect
+
+    report = inspect(args.checkpoint, check=not args.no_verify)
+    print(json.dumps(report, indent=2))
+    return 0 if report.get("manifest", "ok").startswith("ok") and report["complete"] else 1
+
+
+def cmd_eval_nll(args) -> int:
+    import json
+
+    import torch
+
+    from pretrain.nll import evaluate_nll
+
+    torch.set_num_threads(args.threads or os.cpu_count())
+    result = evaluate_nll(args.checkpoint, args.data, args.max_tokens)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loom", description="Pretrain unified multimodal autoregressive models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -114,6 +156,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML recipe, e.g. configs/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=3e-4")
     p.set_defaults(func=cmd_train)
+
+    convert = sub.add_parser("convert", help="Loom checkpoints <-> Hugging Face directories").add_subparsers(
+        dest="convert_command", required=True, metavar="DIRECTION")
+    p = convert.add_parser("to-hf", help="export a checkpoint (any layout) to a transformers directory")
+    p.add_argument("checkpoint", help="a checkpoint folder or a run directory (its latest checkpoint)")
+    p.add_argument("out")
+    p.add_argument("--format", choices=["emu3", "chameleon", "llama"], default="emu3")
+    p.add_argument("--visual-tokenizer", default=None, help="Emu3VQVAE directory (emu3; default: the one the "
+                   "token shards were made with, recorded in their vocab.json)")
+    p.add_argument("--data", default=None, help="token directory whose vocab.json and text_tokenizer.model give "
+                   "the tokenizer (default: the run's first data source)")
+    p.set_defaults(func=cmd_to_hf)
+    p = convert.add_parser("from-hf", help="import a Llama, Emu3 or Chameleon directory as a Loom run")
+    p.add_argument("hf_dir")
+    p.add_argument("out", help="run directory to create; continue with `loom train OUT/config.yaml ...`")
+    p.set_defaults(func=cmd_from_hf)
+
+    ckpt = sub.add_parser("ckpt", help="checkpoint tools").add_subparsers(dest="ckpt_command", required=True,
+                                                                          metavar="TOOL")
+    p = ckpt.add_parser("inspect", help="step, layout, tokens seen, fingerprint, size, completeness")
+    p.add_argument("checkpoint")
+    p.add_argument("--no-verify", action="store_true", help="skip checking every file against the manifest")
+    p.set_defaults(func=cmd_inspect)
+
+    evals = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="eval_command", required=True,
+                                                                              metavar="EVAL")
+    p = evals.add_parser("nll", help="mean loss per modality on token shards (one process, any layout)")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", nargs="+", required=True, help="token directories")
+    p.add_argument("--max-tokens", type=int, default=100_000, help="sequence positions to evaluate")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=cmd_eval_nll)
 
     p = sub.add_parser("config", help="print the resolved config, or every field with its documentation")
     p.add_argument("config", nargs="?", default=None)

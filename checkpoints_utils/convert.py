@@ -1,0 +1,216 @@
+"""`loom convert`: Loom checkpoints (any layout) <-> Hugging Face transformers directories.
+
+Export formats:
+    emu3       Emu3ForConditionalGeneration: the language model + Loom's visual tokenizer (an Emu3VQVAE),
+               the tokenizer and an Emu3Processor, so transformers can generate images end to end
+    chameleon  ChameleonForConditionalGeneration (chameleon preset: qk-norm with bias per head,
+               swin-norm); its VQ is another architecture than Loom's, so it is left untrained
+    llama      LlamaForCausalLM: the language model alone (emu3 preset)
+Every export carries a tokenizer with Loom's vocabulary: the sentencepiece pieces, then the special
+tokens, then one token per visual code (DESIGN §2), at the ids Loom trains with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from data_pipeline.vocab import VocabLayout, fingerprint
+from pretrain.config import ModelConfig, TrainConfig
+from .checkpoint import read_checkpoint, resolve_checkpoint, write_portable_checkpoint
+from .consolidate import CheckpointError
+from .hf import from_hf_state_dict, to_hf_state_dict
+
+FORMATS = ("emu3", "chameleon", "llama")
+# Emu3's modeling code finds the row end and the image placeholder under these names
+EMU3_EOL, EMU3_IMAGE = "<|extra_200|>", "<image>"
+IMAGE_PLACEHOLDER = "<|reserved 0|>"  # Loom's data never uses it; the exported processor does
+
+
+def check_format(m: ModelConfig, fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt in ("emu3", "llama") and (m.qk_norm or m.swin_norm):
+        cls = "Emu3ForConditionalGeneration" if fmt == "emu3" else "LlamaForCausalLM"
+        raise CheckpointError(f"this checkpoint uses qk-norm/swin-norm (the chameleon preset) and {cls} has "
+                              f"neither; export it with --format chameleon")
+    if fmt == "chameleon" and not m.qk_norm:
+        raise CheckpointError("ChameleonForConditionalGeneration always applies a per-head qk LayerNorm and this "
+                              "checkpoint (emu3 preset) has none; export it with --format emu3 or llama")
+
+
+def data_vocabulary(cfg: TrainConfig, data: str | Path | None) -> tuple[Path, dict]:
+    """A token directory (`data`, else the run's first data source) and its vocab.json."""
+    for path in [data] if data else [s.path for s in cfg.data.sources.values()]:
+        vocab_file = Path(path) / "vocab.json"
+        if vocab_file.exists():
+            return Path(path), json.loads(vocab_file.read_text())
+    raise CheckpointError(f"no vocab.json in {data or 'the checkpoint data sources (config.yaml data.sources)'}: "
+                          f"pass --data TOKEN_DIR, a directory written by `loom data tokenize`, for the tokenizer")
+
+
+def build_tokenizer(text_model: Path, layout: VocabLayout):
+    """A transformers tokenizer equal to sentencepiece on text, with Loom's specials and visual tokens."""
+    from tokenizers import AddedToken
+    from tokenizers.models import BPE
+    from transformers import LlamaTokenizer
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+    pieces = SentencePieceExtractor(str(text_model)).extract(BPE)
+    specials = list(layout.special_tokens)
+    tokenizer = LlamaTokenizer(vocab=pieces["vocab"], merges=pieces["merges"], unk_token="<unk>",
+                               bos_token=specials[0], eos_token=specials[1], pad_token=specials[2],
+                               add_bos_token=False)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
+    tokenizer.add_tokens([AddedToken(f"<|visual token {i:06d}|>", special=True, normalized=False)
+                          for i in range(layout.codebook_size)], special_tokens=True)
+    ids = tokenizer.convert_tokens_to_ids([specials[0], specials[-1], f"<|visual token {layout.codebook_size - 1:06d}|>"])
+    if ids != [layout.text_size, layout.text_size + len(specials) - 1, layout.size - 1] or len(tokenizer) != layout.size:
+        raise CheckpointError(f"{text_model}: the tokenizer's ids do not follow Loom's layout ({ids}, {len(tokenizer)} "
+                              f"tokens for a layout of {layout.size})")
+    return tokenizer
+
+
+def text_config(m: ModelConfig, layout: VocabLayout, max_positions: int) -> dict:
+    return {"vocab_size": m.vocab_size, "hidden_size": m.dim, "intermediate_size": m.ffn_dim,
+            "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads,
+            "rms_norm_eps": m.norm_eps, "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+            "max_position_embeddings": max_positions, "tie_word_embeddings": False, "bos_token_id": layout.bos,
+            "eos_token_id": layout.eos, "pad_token_id": layout.special("<|pad|>")}
+
+
+def emu3_extras(tokenizer, layout: VocabLayout, vq_dir: Path, image_size: int):
+    """The VQ, the vocabulary map and the processor of an Emu3 export."""
+    from transformers import Emu3ImageProcessor, Emu3Processor, Emu3VQVAE
+
+    vq = Emu3VQVAE.from_pretrained(vq_dir).eval()
+    vocabulary_map = {**tokenizer.get_vocab(), EMU3_EOL: layout.special("<|eol|>"),
+                      EMU3_IMAGE: layout.special(IMAGE_PLACEHOLDER)}
+    # the named tokens Emu3Processor reads (tokenizer.image_token, ...); they exist already, so this only
+    # names them (passing them to the constructor would add them ahead of Loom's order)
+    tokenizer._set_model_specific_special_tokens({
+        "image_token": IMAGE_PLACEHOLDER, "boi_token": "<|image start|>", "eoi_token": "<|image end|>",
+        "image_wrapper_token": "<|image token|>", "eof_token": "<|eof|>"})
+    factor = 2 ** (len(vq.config.channel_multiplier) - 1)
+    # Loom scales pixels to [-1, 1]: x / 127.5 - 1
+    image_processor = Emu3ImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3, spatial_factor=factor,
+                                         min_pixels=image_size * image_size, max_pixels=image_size * image_size)
+    return vq, vocabulary_map, Emu3Processor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def export_hf(ckpt: str | Path, out: str | Path, fmt: str = "emu3", visual_tokenizer: str | Path | None = None,
+              data: str | Path | None = None, log=print) -> dict:
+    from transformers import (ChameleonConfig, ChameleonForConditionalGeneration, Emu3Config,
+                              Emu3ForConditionalGeneration, LlamaConfig, LlamaForCausalLM)
+
+    folder = resolve_checkpoint(ckpt)
+    params, cfg, shared = read_checkpoint(folder)
+    m = cfg.model
+    check_format(m, fmt)
+    data_dir, vocab = data_vocabulary(cfg, data)
+    layout = VocabLayout.from_dict(vocab["layout"])
+    if layout.size != m.vocab_size:
+        raise CheckpointError(f"{data_dir}/vocab.json has {layout.size} ids, the checkpoint {m.vocab_size}")
+    tokenizer = build_tokenizer(data_dir / "text_tokenizer.model", layout)
+    weights = to_hf_state_dict(params, m)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        weights[name] = weights[name][:m.vocab_size].clone()  # drop Loom's padding rows
+    kw = text_config(m, layout, cfg.data.seq_len)
+    out = Path(out)
+    if fmt == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**kw))
+    elif fmt == "chameleon":
+        model = ChameleonForConditionalGeneration(ChameleonConfig(
+            **kw, swin_norm=m.swin_norm, vocabulary_map={**tokenizer.get_vocab(), EMU3_IMAGE: layout.special(IMAGE_PLACEHOLDER)},
+            vq_config={"embed_dim": 8, "num_embeddings": 16, "latent_channels": 8, "base_channels": 32,
+                       "channel_multiplier": [1, 2], "resolution": 32, "num_res_blocks": 1}))
+    else:
+        vq_dir = Path(visual_tokenizer or vocab.get("visual_tokenizer") or "")
+        if not (vq_dir / "config.json").exists():
+            raise CheckpointError(f"visual tokenizer not found at {vq_dir}; pass --visual-tokenizer DIR")
+        trained_on = shared.get("fingerprint")  # empty for imported weights: nothing to check against
+        if trained_on and fingerprint(layout, data_dir / "text_tokenizer.model", vq_dir) != trained_on:
+            raise CheckpointError(f"{vq_dir} is not the visual tokenizer this model was trained with "
+                                  f"(vocabulary fingerprint {trained_on})")
+        vq, vocabulary_map, processor = emu3_extras(tokenizer, layout, vq_dir, vocab.get("image_size", 32))
+        model = Emu3ForConditionalGeneration(Emu3Config(vq_config=vq.config.to_dict(), text_config=kw,
+                                                        vocabulary_map=vocabulary_map))
+        weights = {("model.text_model." + k[len("model."):] if k.startswith("model.") else k): v
+                   for k, v in weights.items()}
+        weights.update({f"model.vqmodel.{k}": v for k, v in vq.state_dict().items()})
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not (fmt == "chameleon" and k.startswith("model.vqmodel."))]
+    if missing or unexpected:
+        raise CheckpointError(f"weights do not fit {type(model).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.generation_config.bos_token_id, model.generation_config.eos_token_id = layout.bos, layout.eos
+    model.generation_config.pad_token_id = layout.special("<|pad|>")
+    model.save_pretrained(out)
+    (processor if fmt == "emu3" else tokenizer).save_pretrained(out)
+    n = sum(t.numel() for t in weights.values())
+    log(f"convert to-hf: {folder} (step {shared['step']}) -> {out} as {type(model).__name__}, {n / 1e6:.2f}M parameters")
+    return {"checkpoint": str(folder), "out": str(out), "format": fmt, "class": type(model).__name__,
+            "parameters": n, "step": shared["step"]}
+
+
+def hf_model_config(config: dict, model_type: str) -> ModelConfig:
+    """Loom's model config from a transformers config.json; refuses what Loom's model cannot express."""
+    text = config.get("text_config", config) if model_type == "emu3" else config
+    rope = text.get("rope_parameters") or {"rope_type": "default", "rope_theta": text.get("rope_theta", 10000.0)}
+    problems = [f"{key}={text.get(key)}" for key in ("attention_bias", "mlp_bias", "tie_word_embeddings")
+                if text.get(key)]
+    if rope.get("rope_type", "default") != "default":
+        problems.append(f"rope_type={rope['rope_type']}")
+    if text.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={text['hidden_act']}")
+    n_heads = text["num_attention_heads"]
+    if text.get("head_dim") not in (None, text["hidden_size"] // n_heads):
+        problems.append(f"head_dim={text['head_dim']}")
+    if problems:
+        raise CheckpointError(f"this {model_type} model uses {', '.join(problems)}, which Loom's model does not have")
+    chameleon = model_type == "chameleon"
+    return ModelConfig(preset="chameleon" if chameleon else "emu3", dim=text["hidden_size"],
+                       n_layers=text["num_hidden_layers"], n_heads=n_heads,
+                       n_kv_heads=text.get("num_key_value_heads") or n_heads, ffn_dim=text["intermediate_size"],
+                       norm_eps=text["rms_norm_eps"], rope_theta=float(rope["rope_theta"]), vocab_size=text["vocab_size"],
+                       qk_norm=chameleon, swin_norm=bool(text.get("swin_norm")) if chameleon else False)
+
+
+def import_hf(hf_dir: str | Path, out: str | Path, log=print) -> dict:
+    """A Hugging Face Llama, Emu3 or Chameleon directory -> a Loom run directory whose checkpoint
+    `loom train OUT/config.yaml` continues from (any layout; fresh optimizer). An Emu3 directory's VQ
+    is saved as OUT/visual_tokenizer, usable by `loom data tokenize`."""
+    from transformers import ChameleonForConditionalGeneration, Emu3ForConditionalGeneration, LlamaForCausalLM
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    config_file = hf_dir / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{config_file} not found: not a Hugging Face model directory")
+    config = json.loads(config_file.read_text())
+    model_type = config.get("model_type")
+    classes = {"llama": LlamaForCausalLM, "emu3": Emu3ForConditionalGeneration,
+               "chameleon": ChameleonForConditionalGeneration}
+    if model_type not in classes:
+        raise CheckpointError(f"{config_file}: model_type {model_type!r} is not one of {', '.join(classes)}")
+    m = hf_model_config(config, model_type)
+    hf = classes[model_type].from_pretrained(hf_dir, dtype=torch.float32)
+    state = hf.state_dict()
+    if model_type == "emu3":
+        state = {("model." + k[len("model.text_model."):] if k.startswith("model.text_model.") else k): v
+                 for k, v in state.items()}
+        hf.model.vqmodel.save_pretrained(out / "visual_tokenizer")
+    params = from_hf_state_dict(state, m)
+    for name in ("embed.embed.weight", "head.output.weight"):  # zero rows up to Loom's padded vocabulary
+        rows = params[name]
+        params[name] = torch.cat([rows, rows.new_zeros(m.padded_vocab_size - rows.shape[0], rows.shape[1])])
+    cfg = TrainConfig(model=m, out_dir=str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    folder = write_portable_checkpoint(out, params, cfg)
+    from pretrain.config import dump_yaml
+
+    dump_yaml(cfg, out / "config.yaml")
+    n = sum(t.numel() for t in params.values())
+    log(f"convert from-hf: {hf_dir} ({model_type}, {n / 1e6:.2f}M parameters) -> {folder}; continue with "
+        f"`loom train {out / 'config.yaml'} data.sources.NAME.path=TOKENS`")
+    return {"out": str(out), "checkpoint": str(folder), "model_type": model_type, "parameters": n}

@@ -1,0 +1,79 @@
+"""A checkpoint of any layout as one in-process model, and its loss per modality on token shards.
+
+`loom eval nll` uses it to check exports and resumes without torchrun: the weights are
+consolidated (checkpoints_utils.consolidate) into the single-process Transformer.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from checkpoints_utils.checkpoint import read_checkpoint, resolve_checkpoint
+from checkpoints_utils.consolidate import CheckpointError
+from data_pipeline.loader import Source, TokenLoader, read_manifest_fingerprints
+from data_pipeline.vocab import LOSS_KIND_NAMES
+from .config import ParallelConfig, TrainConfig
+from .metrics import losses_by_kind
+from .model import Transformer, lm_loss
+from .step import NUM_KINDS
+
+
+def single_process_groups() -> None:
+    """A one-process gloo group and megatron's TP/PP groups of size 1 (megatron's layers need them)."""
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+
+
+def load_model(ckpt: str | Path) -> tuple[Transformer, TrainConfig, dict]:
+    """The checkpoint's weights in a single-process Transformer (fp32, eval mode)."""
+    from .parallel import megatron_config
+
+    folder = resolve_checkpoint(ckpt)
+    params, cfg, shared = read_checkpoint(folder)
+    single_process_groups()
+    cfg.parallel = ParallelConfig()
+    model = Transformer(cfg.model, megatron_config(cfg), cfg.seed)
+    missing, unexpected = model.load_state_dict(params, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: weights do not fit the model of its config.yaml "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval(), cfg, {**shared, "checkpoint": str(folder)}
+
+
+@torch.no_grad()
+def evaluate_nll(ckpt: str | Path, data: list[str | Path], max_tokens: int = 100_000, batch_size: int = 4) -> dict:
+    """Mean loss per modality and overall on the first `max_tokens` sequence positions of `data`
+    (the loader's packed order with the run's seed and sequence length)."""
+    model, cfg, shared = load_model(ckpt)
+    sources = [Source.open(Path(d).name, d, 1.0) for d in data]
+    fp, layout = read_manifest_fingerprints(sources)
+    if shared.get("fingerprint") and fp != shared["fingerprint"]:
+        raise CheckpointError(f"{data[0]} was tokenized with vocabulary {fp}, the model trained on "
+                              f"{shared['fingerprint']}")
+    loader = TokenLoader(sources, layout, cfg.data.seq_len, batch_size, batch_size, 0, 1, cfg.data.seed)
+    sums = torch.zeros(2, NUM_KINDS)
+    positions = 0
+    while positions < max_tokens:
+        for mb in loader.next_step():
+            logits = model(mb["tokens"], mb["positions"], mb["doc_ids"])
+            sums += lm_loss(logits, mb["targets"], mb["loss_kind"], 0.0)[1]
+            positions += mb["tokens"].numel()
+    tokens = {name: int(sums[1, kind]) for kind, name in LOSS_KIND_NAMES.items() if sums[1, kind] > 0}
+    return {"checkpoint": shared["checkpoint"], "step": shared["step"], "data": [str(d) for d in data],
+            "positions": positions, "loss": losses_by_kind(sums),
+            "loss_tokens": {"total": int(sums[1, 1:].sum()), **tokens}}

@@ -1,0 +1,109 @@
+"""Checkpoints users can trust: killed saves, corrupted files, exact resume, resharding across layouts.
+
+Source runs train 6 steps with checkpoints at steps 3 and 6. Resuming from step 3 must give the
+source run's steps 4-6: bit for bit in the same layout, within 1e-6 in loss under another layout
+(fp32; the only difference is the order of floating-point reductions).
+"""
+
+import json
+import shutil
+
+import pytest
+
+from checkpoints_utils.checkpoint import latest_tag
+from checkpoints_utils.manifest import COMPLETE, MANIFEST
+from conftest import REPO, run_loom
+from pretrain.metrics import read_metrics
+
+MODEL = ["model.dim=64", "model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=4", "model.ffn_dim=176"]
+SOURCES = {"tp2-pp2-zero1": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"]),
+           "tp2-dp2-zero3": (4, ["parallel.tp=2", "parallel.zero_stage=3"])}
+TARGETS = {"tp1-dp2-zero1": (2, ["parallel.tp=1", "parallel.pp=1", "parallel.zero_stage=1"]),
+           "tp1-pp2-zero1": (2, ["parallel.tp=1", "parallel.pp=2", "parallel.zero_stage=1"])}
+
+
+def train(world, out, nproc, *overrides, env=None, ok=True):
+    result = run_loom("train", REPO / "configs" / "tiny.yaml", f"out_dir={out}",
+                      f"data.sources.shapes.path={world / 'tokens'}", f"parallel.nproc_per_node={nproc}",
+                      "schedule.steps=6", "schedule.warmup_steps=2", "checkpoint.interval=3", "checkpoint.keep_last=3",
+                      "data.micro_batch_size=2", "logging.interval=1", *MODEL, *overrides, env=env)
+    if ok:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def steps(out) -> dict:
+    return {r["step"]: r for r in read_metrics(out) if "loss" in r}
+
+
+def from_step_3(src, dst):
+    """A copy of run `src` as if it had been stopped after the checkpoint of step 3."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "checkpoints" / "step_000006")
+    (dst / "checkpoints" / "latest").write_text("step_000003\n")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def sources(world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sources")
+    for name, (nproc, layout) in SOURCES.items():
+        train(world, root / name, nproc, *layout)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", SOURCES)
+def test_resume_in_the_same_layout_is_bitwise(source, sources, world, tmp_path):
+    resumed = from_step_3(sources / source, tmp_path / "resumed")
+    nproc, layout = SOURCES[source]
+    result = train(world, resumed, nproc, *layout)
+    assert "resharding" not in result.stdout
+    ours, ref = steps(resumed), steps(sources / source)
+    for step in (4, 5, 6):
+        assert (ours[step]["loss"], ours[step]["grad_norm"]) == (ref[step]["loss"], ref[step]["grad_norm"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source,target", [("tp2-pp2-zero1", "tp1-dp2-zero1"), ("tp2-dp2-zero3", "tp1-pp2-zero1")])
+def test_reshard_continues_the_source_run(source, target, sources, world, tmp_path):
+    resumed = from_step_3(sources / source, tmp_path / "resharded")
+    nproc, layout = TARGETS[target]
+    result = train(world, resumed, nproc, *layout)
+    assert "resharding to" in result.stdout and "at step 3" in result.stdout
+    ours, ref = steps(resumed), steps(sources / source)
+    for step in (4, 5, 6):
+        assert abs(ours[step]["loss"]["total"] - ref[step]["loss"]["total"]) <= 1e-6, step
+        assert abs(ours[step]["grad_norm"] - ref[step]["grad_norm"]) <= 1e-5 * ref[step]["grad_norm"], step
+        assert ours[step]["lr"] == pytest.approx(ref[step]["lr"], rel=1e-12)
+        assert ours[step]["consumed_tokens"] == ref[step]["consumed_tokens"]  # the same data, no repeats
+    assert (resumed / "checkpoints" / "step_000003" / "portable" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_rank_killed_while_saving_leaves_the_previous_checkpoint(world, tmp_path):
+    out = tmp_path / "run"
+    crashed = train(world, out, 2, "schedule.steps=4", "checkpoint.interval=2", env={"LOOM_FAULT": "save:4:1"},
+                    ok=False)
+    assert crashed.returncode != 0 and "LOOM_FAULT: rank 1 dies at save, step 4" in crashed.stdout
+    assert latest_tag(out) == "step_000002"
+    assert not (out / "checkpoints" / "step_000004" / COMPLETE).exists()
+    logged = steps(out)
+    resumed = train(world, out, 2, "schedule.steps=4", "checkpoint.interval=2")  # no manual cleanup
+    assert "resumed from" in resumed.stdout and "step_000002 at step 2" in resumed.stdout
+    assert latest_tag(out) == "step_000004"
+    again = steps(out)
+    for step in (3, 4):  # the crashed run trained steps 3 and 4 before dying in the save
+        assert again[step]["loss"] == logged[step]["loss"]
+
+    # a flipped byte in a complete checkpoint is refused, naming the file
+    ckpt = out / "checkpoints" / "step_000004"
+    victim = sorted(ckpt.glob("*optim_states.pt"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    refused = train(world, out, 2, "schedule.steps=6", ok=False)
+    assert refused.returncode != 0
+    assert f"{victim} does not match its sha256 in {MANIFEST}" in refused.stderr
+    manifest = json.loads((ckpt / MANIFEST).read_text())["files"]
+    assert victim.name in manifest and "loom_state.json" in manifest and "config.yaml" in manifest
