@@ -21,7 +21,7 @@ from data_pipeline.vocab import VocabLayout, fingerprint
 from pretrain.config import ModelConfig, TrainConfig
 from .checkpoint import read_checkpoint, resolve_checkpoint, write_portable_checkpoint
 from .consolidate import CheckpointError
-from .hf import from_hf_state_dict, to_hf_state_dict
+from .hf import from_hf_state_dict, pad_vocab, to_hf_state_dict, trim_vocab
 
 FORMATS = ("emu3", "chameleon", "llama")
 # Emu3's modeling code finds the row end and the image placeholder under these names
@@ -114,9 +114,7 @@ def export_hf(ckpt: str | Path, out: str | Path, fmt: str = "emu3", visual_token
     if layout.size != m.vocab_size:
         raise CheckpointError(f"{data_dir}/vocab.json has {layout.size} ids, the checkpoint {m.vocab_size}")
     tokenizer = build_tokenizer(data_dir / "text_tokenizer.model", layout)
-    weights = to_hf_state_dict(params, m)
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        weights[name] = weights[name][:m.vocab_size].clone()  # drop Loom's padding rows
+    weights = trim_vocab(to_hf_state_dict(params, m), m.vocab_size)
     kw = text_config(m, layout, cfg.data.seq_len)
     out = Path(out)
     if fmt == "llama":
@@ -200,10 +198,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, log=print) -> dict:
         state = {("model." + k[len("model.text_model."):] if k.startswith("model.text_model.") else k): v
                  for k, v in state.items()}
         hf.model.vqmodel.save_pretrained(out / "visual_tokenizer")
-    params = from_hf_state_dict(state, m)
-    for name in ("embed.embed.weight", "head.output.weight"):  # zero rows up to Loom's padded vocabulary
-        rows = params[name]
-        params[name] = torch.cat([rows, rows.new_zeros(m.padded_vocab_size - rows.shape[0], rows.shape[1])])
+    params = pad_vocab(from_hf_state_dict(state, m), m.padded_vocab_size)
     cfg = TrainConfig(model=m, out_dir=str(out))
     out.mkdir(parents=True, exist_ok=True)
     folder = write_portable_checkpoint(out, params, cfg)

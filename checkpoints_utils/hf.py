@@ -19,24 +19,28 @@ def split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.
     return q, grouped[:, -2].reshape(-1, cfg.dim), grouped[:, -1].reshape(-1, cfg.dim)
 
 
+def name_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """(Loom name, HF name) of every parameter but the fused qkv."""
+    per_layer = [("attn.out.weight", "self_attn.o_proj.weight"), ("mlp.gate.weight", "mlp.gate_proj.weight"),
+                 ("mlp.up.weight", "mlp.up_proj.weight"), ("mlp.down.weight", "mlp.down_proj.weight"),
+                 ("attn_norm.weight", "input_layernorm.weight"),
+                 ("mlp_norm.weight", "post_attention_layernorm.weight")]
+    if cfg.qk_norm:
+        per_layer += [(f"attn.{n}.{p}", f"self_attn.{n}.{p}") for n in ("q_norm", "k_norm") for p in ("weight", "bias")]
+    pairs = [("embed.embed.weight", "model.embed_tokens.weight"), ("head.norm.weight", "model.norm.weight"),
+             ("head.output.weight", "lm_head.weight")]
+    for i in range(cfg.n_layers):
+        pairs += [(f"blocks.{i}.{ours}", f"model.layers.{i}.{theirs}") for ours, theirs in per_layer]
+    return pairs
+
+
 def to_hf_state_dict(state: dict, cfg: ModelConfig) -> dict:
     """Loom Transformer state dict (TP=1) -> HF LlamaForCausalLM / ChameleonForConditionalGeneration names."""
-    out = {"model.embed_tokens.weight": state["embed.embed.weight"], "model.norm.weight": state["head.norm.weight"],
-           "lm_head.weight": state["head.output.weight"]}
+    out = {theirs: state[ours] for ours, theirs in name_pairs(cfg)}
     for i in range(cfg.n_layers):
-        src, dst = f"blocks.{i}.", f"model.layers.{i}."
-        q, k, v = split_qkv(state[src + "attn.qkv.weight"], cfg)
-        out.update({dst + "self_attn.q_proj.weight": q, dst + "self_attn.k_proj.weight": k,
-                    dst + "self_attn.v_proj.weight": v, dst + "self_attn.o_proj.weight": state[src + "attn.out.weight"],
-                    dst + "mlp.gate_proj.weight": state[src + "mlp.gate.weight"],
-                    dst + "mlp.up_proj.weight": state[src + "mlp.up.weight"],
-                    dst + "mlp.down_proj.weight": state[src + "mlp.down.weight"],
-                    dst + "input_layernorm.weight": state[src + "attn_norm.weight"],
-                    dst + "post_attention_layernorm.weight": state[src + "mlp_norm.weight"]})
-        if cfg.qk_norm:
-            for name in ("q_norm", "k_norm"):
-                for p in ("weight", "bias"):
-                    out[f"{dst}self_attn.{name}.{p}"] = state[f"{src}attn.{name}.{p}"]
+        q, k, v = split_qkv(state[f"blocks.{i}.attn.qkv.weight"], cfg)
+        attn = f"model.layers.{i}.self_attn."
+        out.update({attn + "q_proj.weight": q, attn + "k_proj.weight": k, attn + "v_proj.weight": v})
     return {k: v.detach().clone() for k, v in out.items()}
 
 
@@ -51,21 +55,24 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig
 
 def from_hf_state_dict(hf: dict, cfg: ModelConfig) -> dict:
     """HF LlamaForCausalLM / Chameleon language-model names -> Loom's canonical state dict."""
-    out = {"embed.embed.weight": hf["model.embed_tokens.weight"], "head.norm.weight": hf["model.norm.weight"],
-           "head.output.weight": hf["lm_head.weight"]}
+    out = {ours: hf[theirs] for ours, theirs in name_pairs(cfg)}
     for i in range(cfg.n_layers):
-        src, dst = f"model.layers.{i}.", f"blocks.{i}."
-        attn = src + "self_attn."
-        out.update({dst + "attn.qkv.weight": fuse_qkv(hf[attn + "q_proj.weight"], hf[attn + "k_proj.weight"],
-                                                      hf[attn + "v_proj.weight"], cfg),
-                    dst + "attn.out.weight": hf[attn + "o_proj.weight"],
-                    dst + "mlp.gate.weight": hf[src + "mlp.gate_proj.weight"],
-                    dst + "mlp.up.weight": hf[src + "mlp.up_proj.weight"],
-                    dst + "mlp.down.weight": hf[src + "mlp.down_proj.weight"],
-                    dst + "attn_norm.weight": hf[src + "input_layernorm.weight"],
-                    dst + "mlp_norm.weight": hf[src + "post_attention_layernorm.weight"]})
-        if cfg.qk_norm:
-            for name in ("q_norm", "k_norm"):
-                for p in ("weight", "bias"):
-                    out[f"{dst}attn.{name}.{p}"] = hf[f"{attn}{name}.{p}"]
+        attn = f"model.layers.{i}.self_attn."
+        out[f"blocks.{i}.attn.qkv.weight"] = fuse_qkv(hf[attn + "q_proj.weight"], hf[attn + "k_proj.weight"],
+                                                     hf[attn + "v_proj.weight"], cfg)
     return {k: v.detach().float().clone() for k, v in out.items()}
+
+
+VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def trim_vocab(hf: dict, vocab_size: int) -> dict:
+    """Drop Loom's vocabulary padding rows (HF models have exactly vocab_size rows)."""
+    return {k: (v[:vocab_size].clone() if k in VOCAB_ROWS else v) for k, v in hf.items()}
+
+
+def pad_vocab(state: dict, padded_size: int) -> dict:
+    """Zero rows up to Loom's padded vocabulary (their logits are masked to -inf in the model)."""
+    def pad(rows):
+        return torch.cat([rows, rows.new_zeros(padded_size - rows.shape[0], rows.shape[1])])
+    return {k: (pad(v) if k in ("embed.embed.weight", "head.output.weight") else v) for k, v in state.items()}

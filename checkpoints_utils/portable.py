@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from pretrain import accelerator  # noqa: F401  (before DeepSpeed)
 from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 from megatron.core import parallel_state
 from safetensors import safe_open

@@ -129,7 +129,7 @@ def cmd_eval_nll(args) -> int:
     from pretrain.nll import evaluate_nll
 
     torch.set_num_threads(args.threads or os.cpu_count())
-    result = evaluate_nll(args.checkpoint, args.data, args.max_tokens)
+    result = evaluate_nll(args.checkpoint, args.data, args.max_tokens, args.seq_len)
     text = json.dumps(result, indent=2)
     if args.out:
         from pathlib import Path
@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--data", nargs="+", required=True, help="token directories")
     p.add_argument("--max-tokens", type=int, default=100_000, help="sequence positions to evaluate")
+    p.add_argument("--seq-len", type=int, default=0, help="row length (default: the checkpoint's data.seq_len)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(func=cmd_eval_nll)

@@ -198,7 +198,10 @@ class Block(nn.Module):
 
 
 class Head(nn.Module):
-    """Layer n_layers + 1: final norm and output projection -> logits of the local vocabulary shard."""
+    """Layer n_layers + 1: final norm and output projection -> logits of the local vocabulary shard.
+
+    The padding rows of the vocabulary get -inf logits: the model is a distribution over the real
+    vocabulary only, as the exported Hugging Face model (which has no padding rows) is."""
 
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, seed: int):
         super().__init__()
@@ -207,10 +210,14 @@ class Head(nn.Module):
             self.output = tensor_parallel.ColumnParallelLinear(
                 cfg.dim, cfg.padded_vocab_size, config=mp, init_method=init_methods(cfg)[0], bias=False,
                 gather_output=False)
+        local = cfg.padded_vocab_size // parallel_state.get_tensor_model_parallel_world_size()
+        first = parallel_state.get_tensor_model_parallel_rank() * local
+        self.register_buffer("padding", torch.arange(first, first + local) >= cfg.vocab_size, persistent=False)
+        self.has_padding = bool(self.padding.any())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits, _ = self.output(self.norm(x))                              # (s, b, v); gathers SP
-        return logits
+        return logits.masked_fill(self.padding, float("-inf")) if self.has_padding else logits
 
 
 def attention_inputs(positions: torch.Tensor, doc_ids: torch.Tensor, cfg: ModelConfig):

@@ -6,7 +6,6 @@ consolidated (checkpoints_utils.consolidate) into the single-process Transformer
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
@@ -28,12 +27,10 @@ def single_process_groups() -> None:
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
-        with socket.socket() as s:
+        with socket.socket() as s:  # a free port of its own, whatever MASTER_PORT says
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(port))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
 
@@ -56,16 +53,18 @@ def load_model(ckpt: str | Path) -> tuple[Transformer, TrainConfig, dict]:
 
 
 @torch.no_grad()
-def evaluate_nll(ckpt: str | Path, data: list[str | Path], max_tokens: int = 100_000, batch_size: int = 4) -> dict:
-    """Mean loss per modality and overall on the first `max_tokens` sequence positions of `data`
-    (the loader's packed order with the run's seed and sequence length)."""
+def evaluate_nll(ckpt: str | Path, data: list[str | Path], max_tokens: int = 100_000, seq_len: int = 0,
+                 batch_size: int = 4) -> dict:
+    """Mean loss per modality and overall on the first `max_tokens` sequence positions of `data`,
+    packed by the loader with seed 0 into rows of `seq_len` (0: the checkpoint's), so that two
+    checkpoints given the same arguments are scored on the same tokens."""
     model, cfg, shared = load_model(ckpt)
     sources = [Source.open(Path(d).name, d, 1.0) for d in data]
     fp, layout = read_manifest_fingerprints(sources)
     if shared.get("fingerprint") and fp != shared["fingerprint"]:
         raise CheckpointError(f"{data[0]} was tokenized with vocabulary {fp}, the model trained on "
                               f"{shared['fingerprint']}")
-    loader = TokenLoader(sources, layout, cfg.data.seq_len, batch_size, batch_size, 0, 1, cfg.data.seed)
+    loader = TokenLoader(sources, layout, seq_len or cfg.data.seq_len, batch_size, batch_size, 0, 1, seed=0)
     sums = torch.zeros(2, NUM_KINDS)
     positions = 0
     while positions < max_tokens:

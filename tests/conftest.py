@@ -55,3 +55,38 @@ def run_loom(*args, cwd=None, timeout=600, env=None):
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "launch.cli", *map(str, args)], cwd=cwd or REPO,
                           capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="session")
+def groups():
+    """A one-process gloo group with megatron's TP/PP groups, as torchrun would give one rank."""
+    from pretrain.nll import single_process_groups
+
+    single_process_groups()
+
+
+TINY_MODEL = ["model.dim=64", "model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=4", "model.ffn_dim=176"]
+
+
+def train_tiny(world, out, nproc, *overrides, env=None, ok=True):
+    """6 steps of a 4-layer model, checkpoints at steps 3 and 6 (both kept)."""
+    result = run_loom("train", REPO / "configs" / "tiny.yaml", f"out_dir={out}",
+                      f"data.sources.shapes.path={world / 'tokens'}", f"parallel.nproc_per_node={nproc}",
+                      "schedule.steps=6", "schedule.warmup_steps=2", "checkpoint.interval=3", "checkpoint.keep_last=3",
+                      "data.micro_batch_size=2", "logging.interval=1", *TINY_MODEL, *overrides, env=env)
+    if ok:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+SOURCE_LAYOUTS = {"tp2-pp2-zero1": ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"],
+                  "tp2-dp2-zero3": ["parallel.tp=2", "parallel.zero_stage=3"]}
+
+
+@pytest.fixture(scope="session")
+def sources(world, tmp_path_factory):
+    """Runs of the emu3 preset in TP2xPP2 (ZeRO-1) and TP2xDP2 (ZeRO-3), 4 processes each."""
+    root = tmp_path_factory.mktemp("sources")
+    for name, layout in SOURCE_LAYOUTS.items():
+        train_tiny(world, root / name, 4, *layout)
+    return root

@@ -12,24 +12,13 @@ import pytest
 
 from checkpoints_utils.checkpoint import latest_tag
 from checkpoints_utils.manifest import COMPLETE, MANIFEST
-from conftest import REPO, run_loom
+from conftest import SOURCE_LAYOUTS, train_tiny
 from pretrain.metrics import read_metrics
 
-MODEL = ["model.dim=64", "model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=4", "model.ffn_dim=176"]
-SOURCES = {"tp2-pp2-zero1": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"]),
-           "tp2-dp2-zero3": (4, ["parallel.tp=2", "parallel.zero_stage=3"])}
+SOURCES = {name: (4, layout) for name, layout in SOURCE_LAYOUTS.items()}
 TARGETS = {"tp1-dp2-zero1": (2, ["parallel.tp=1", "parallel.pp=1", "parallel.zero_stage=1"]),
            "tp1-pp2-zero1": (2, ["parallel.tp=1", "parallel.pp=2", "parallel.zero_stage=1"])}
-
-
-def train(world, out, nproc, *overrides, env=None, ok=True):
-    result = run_loom("train", REPO / "configs" / "tiny.yaml", f"out_dir={out}",
-                      f"data.sources.shapes.path={world / 'tokens'}", f"parallel.nproc_per_node={nproc}",
-                      "schedule.steps=6", "schedule.warmup_steps=2", "checkpoint.interval=3", "checkpoint.keep_last=3",
-                      "data.micro_batch_size=2", "logging.interval=1", *MODEL, *overrides, env=env)
-    if ok:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+train = train_tiny
 
 
 def steps(out) -> dict:
@@ -42,14 +31,6 @@ def from_step_3(src, dst):
     shutil.rmtree(dst / "checkpoints" / "step_000006")
     (dst / "checkpoints" / "latest").write_text("step_000003\n")
     return dst
-
-
-@pytest.fixture(scope="module")
-def sources(world, tmp_path_factory):
-    root = tmp_path_factory.mktemp("sources")
-    for name, (nproc, layout) in SOURCES.items():
-        train(world, root / name, nproc, *layout)
-    return root
 
 
 @pytest.mark.slow

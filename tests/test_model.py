@@ -1,30 +1,9 @@
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from pretrain.config import ModelConfig
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def groups():
-    """A one-process gloo group with megatron's TP/PP groups, as torchrun would give one rank."""
-    from megatron.core import parallel_state
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    yield
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def build(preset="emu3", **kw):
@@ -43,6 +22,7 @@ def test_logits_shape_and_padded_vocab(groups):
     tokens = torch.randint(0, 200, (3, 10))
     logits = model(tokens, torch.arange(10).expand(3, 10), torch.zeros(3, 10, dtype=torch.long))
     assert logits.shape == (10, 3, 256)
+    assert torch.isinf(logits[..., 200:]).all() and torch.isfinite(logits[..., :200]).all()  # padding masked
 
 
 def test_document_mask_isolates_packed_documents(groups):
@@ -87,24 +67,24 @@ def hf_logits(hf_model, tokens):
 def test_emu3_preset_matches_transformers_llama(groups):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from checkpoints_utils.hf import to_hf_state_dict
+    from checkpoints_utils.hf import to_hf_state_dict, trim_vocab
 
     model, cfg = build("emu3")
     hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=cfg.padded_vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
         rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False,
         attn_implementation="eager")).eval()
-    hf.load_state_dict(to_hf_state_dict(model.state_dict(), cfg), strict=True)
+    hf.load_state_dict(trim_vocab(to_hf_state_dict(model.state_dict(), cfg), cfg.vocab_size), strict=True)
     tokens = torch.randint(0, 200, (2, 12))
     ours = model(tokens, torch.arange(12).expand(2, 12), torch.zeros(2, 12, dtype=torch.long)).transpose(0, 1)
-    torch.testing.assert_close(ours, hf_logits(hf, tokens), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(ours[..., :cfg.vocab_size], hf_logits(hf, tokens), atol=2e-5, rtol=1e-4)
 
 
 def test_chameleon_preset_matches_transformers_chameleon(groups):
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
-    from checkpoints_utils.hf import to_hf_state_dict
+    from checkpoints_utils.hf import to_hf_state_dict, trim_vocab
 
     model, cfg = build("chameleon")
     with torch.no_grad():  # non-trivial qk-norm parameters, so a wrong mapping cannot pass
@@ -113,18 +93,19 @@ def test_chameleon_preset_matches_transformers_chameleon(groups):
                 norm.weight.normal_(1.0, 0.2)
                 norm.bias.normal_(0.0, 0.2)
     hf = ChameleonForConditionalGeneration(ChameleonConfig(
-        vocab_size=cfg.padded_vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
         rms_norm_eps=cfg.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        swin_norm=True, vocabulary_map={"<image>": cfg.padded_vocab_size - 1},
+        swin_norm=True, vocabulary_map={"<image>": cfg.vocab_size - 1},
         vq_config={"embed_dim": 8, "num_embeddings": 16, "latent_channels": 8, "base_channels": 32,
                    "channel_multiplier": [1, 2], "resolution": 32, "num_res_blocks": 1},
         attn_implementation="eager")).eval()
-    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.state_dict(), cfg), strict=False)
+    missing, unexpected = hf.load_state_dict(trim_vocab(to_hf_state_dict(model.state_dict(), cfg), cfg.vocab_size),
+                                          strict=False)
     assert not unexpected and all(k.startswith("model.vqmodel") for k in missing)
     tokens = torch.randint(0, 200, (2, 12))
     ours = model(tokens, torch.arange(12).expand(2, 12), torch.zeros(2, 12, dtype=torch.long)).transpose(0, 1)
-    torch.testing.assert_close(ours, hf_logits(hf, tokens), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(ours[..., :cfg.vocab_size], hf_logits(hf, tokens), atol=2e-5, rtol=1e-4)
 
 
 def test_initial_loss_is_near_uniform(groups):
@@ -134,4 +115,4 @@ def test_initial_loss_is_near_uniform(groups):
     tokens = torch.randint(0, 200, (2, 32))
     logits = model(tokens, torch.arange(32).expand(2, 32), torch.zeros(2, 32, dtype=torch.long))
     loss, _ = lm_loss(logits, tokens.roll(-1, 1), torch.ones_like(tokens), 0.0)
-    assert abs(loss.item() - math.log(cfg.padded_vocab_size)) < 0.1
+    assert abs(loss.item() - math.log(cfg.vocab_size)) < 0.1  # padding rows are masked out
