@@ -12,7 +12,7 @@ import pytest
 
 from checkpoints_utils.checkpoint import latest_tag
 from checkpoints_utils.manifest import COMPLETE, MANIFEST
-from conftest import SOURCE_LAYOUTS, train_tiny
+from conftest import SOURCE_LAYOUTS, run_loom, train_tiny
 from pretrain.metrics import read_metrics
 
 SOURCES = {name: (4, layout) for name, layout in SOURCE_LAYOUTS.items()}
@@ -77,6 +77,12 @@ def test_a_rank_killed_while_saving_leaves_the_previous_checkpoint(world, tmp_pa
     for step in (3, 4):  # the crashed run trained steps 3 and 4 before dying in the save
         assert again[step]["loss"] == logged[step]["loss"]
 
+    report = run_loom("ckpt", "inspect", out)
+    assert report.returncode == 0, report.stderr[-2000:]
+    info = json.loads(report.stdout)
+    assert info["step"] == 4 and info["complete"] and info["manifest"].startswith("ok")
+    assert info["layout"]["dp"] == 2 and info["consumed_tokens"] == again[4]["consumed_tokens"]
+
     # a flipped byte in a complete checkpoint is refused, naming the file
     ckpt = out / "checkpoints" / "step_000004"
     victim = sorted(ckpt.glob("*optim_states.pt"))[0]
@@ -86,5 +92,7 @@ def test_a_rank_killed_while_saving_leaves_the_previous_checkpoint(world, tmp_pa
     refused = train(world, out, 2, "schedule.steps=6", ok=False)
     assert refused.returncode != 0
     assert f"{victim} does not match its sha256 in {MANIFEST}" in refused.stderr
+    report = run_loom("ckpt", "inspect", ckpt)
+    assert report.returncode == 1 and "does not match its sha256" in json.loads(report.stdout)["manifest"]
     manifest = json.loads((ckpt / MANIFEST).read_text())["files"]
     assert victim.name in manifest and "loom_state.json" in manifest and "config.yaml" in manifest
