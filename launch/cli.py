@@ -139,6 +139,29 @@ def cmd_eval_nll(args) -> int:
     return 0
 
 
+def cmd_sweep_run(args) -> int:
+    from pretrain.sweep import run_sweep
+
+    run_sweep(args.spec, args.launch)
+    return 0
+
+
+def cmd_sweep_collect(args) -> int:
+    from pretrain.sweep import collect
+
+    print(f"sweep collect: results -> {collect(args.spec)}")
+    return 0
+
+
+def cmd_sweep_fit(args) -> int:
+    from pathlib import Path
+
+    from pretrain.scaling import fit_sweep
+
+    fit_sweep(args.results, args.out or Path(args.results).parent / "fit", args.budget, args.params, args.bootstrap)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loom", description="Pretrain unified multimodal autoregressive models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -190,6 +213,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(func=cmd_eval_nll)
+
+    sweep = sub.add_parser("sweep", help="scaling-law sweeps: run the points, fit the laws").add_subparsers(
+        dest="sweep_command", required=True, metavar="STEP")
+    p = sweep.add_parser("run", help="train every point of a sweep spec (resumable), or print/write the commands")
+    p.add_argument("spec", help="sweep spec YAML, e.g. configs/sweeps/cpu.yaml")
+    p.add_argument("--launch", choices=["local", "print", "slurm"], default="local",
+                   help="local: run here one after another; print: the commands; slurm: write an sbatch array")
+    p.set_defaults(func=cmd_sweep_run)
+    p = sweep.add_parser("collect", help="write results.jsonl/csv from the finished points (after a cluster run)")
+    p.add_argument("spec")
+    p.set_defaults(func=cmd_sweep_collect)
+    p = sweep.add_parser("fit", help="fit L(N, D) (approach 3) and isoFLOP minima (approach 2); report + plots")
+    p.add_argument("results", help="results.jsonl of a sweep")
+    p.add_argument("--out", default=None, help="output directory (default: fit/ next to the results)")
+    p.add_argument("--budget", type=float, default=None, help="FLOPs to give the compute-optimal N and D for")
+    p.add_argument("--params", choices=["N", "N_non_embedding"], default="N",
+                   help="parameter count to fit: all (Chinchilla) or without embeddings (Kaplan)")
+    p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the 95%% intervals")
+    p.set_defaults(func=cmd_sweep_fit)
 
     p = sub.add_parser("config", help="print the resolved config, or every field with its documentation")
     p.add_argument("config", nargs="?", default=None)

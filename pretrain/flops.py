@@ -48,3 +48,14 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # ru_maxrss is in KiB on Linux
+
+
+def param_counts(cfg: ModelConfig) -> dict:
+    """Parameters of the model over its real vocabulary: `total`, and `non_embedding` (without the
+    input embedding and the output projection, Kaplan et al.'s N)."""
+    d = cfg.dim
+    blocks = matmul_params(cfg) - d * cfg.padded_vocab_size + cfg.n_layers * 2 * d
+    if cfg.qk_norm:
+        blocks += cfg.n_layers * 2 * (cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim
+    non_embedding = blocks + d  # + the final norm
+    return {"total": non_embedding + 2 * cfg.vocab_size * d, "non_embedding": non_embedding}
