@@ -98,26 +98,29 @@ def optimal_allocation(fit: dict, budget: float) -> dict:
 def fit_approach2(budgets, n, loss) -> dict:
     """Per-budget parabolas in log N -> N_opt(C) = k C^a, D_opt(C) = C / (6 N_opt) = k' C^b."""
     budgets, n, loss = (np.asarray(v, dtype=np.float64) for v in (budgets, n, loss))
-    minima = []
+    minima, skipped = [], []
     for c in np.unique(budgets):
         sel = budgets == c
         if len(np.unique(n[sel])) < 3:
+            skipped.append(f"{c:.3g}: fewer than 3 sizes")
             continue
-        p2, p1, p0 = np.polyfit(np.log(n[sel]), loss[sel], 2)
-        if p2 <= 0:
-            continue  # no minimum inside: the sizes do not bracket the optimum at this budget
-        log_n_opt = -p1 / (2 * p2)
+        log_n = np.log(n[sel])
+        p2, p1, p0 = np.polyfit(log_n, loss[sel], 2)
+        log_n_opt = -p1 / (2 * p2) if p2 > 0 else np.inf
+        if not log_n.min() <= log_n_opt <= log_n.max():
+            skipped.append(f"{c:.3g}: the sizes do not bracket the minimum")  # an extrapolated optimum
+            continue
         minima.append({"budget_flops": float(c), "N_opt": float(np.exp(log_n_opt)),
                        "D_opt": float(c / (6 * np.exp(log_n_opt))), "loss": float(np.polyval([p2, p1, p0], log_n_opt)),
                        "parabola": [float(p2), float(p1), float(p0)]})
     if len(minima) < 2:
         raise FitError(f"approach 2 needs at least 2 compute budgets with 3+ sizes bracketing a minimum; "
-                       f"found {len(minima)}")
+                       f"found {len(minima)} ({'; '.join(skipped)})")
     log_c = np.log([m["budget_flops"] for m in minima])
     a, log_k = np.polyfit(log_c, np.log([m["N_opt"] for m in minima]), 1)
     b, log_kd = np.polyfit(log_c, np.log([m["D_opt"] for m in minima]), 1)
     return {"n_exponent": float(a), "n_coefficient": float(np.exp(log_k)), "d_exponent": float(b),
-            "d_coefficient": float(np.exp(log_kd)), "budgets": minima}
+            "d_coefficient": float(np.exp(log_kd)), "budgets": minima, "skipped_budgets": skipped}
 
 
 def load_results(path: str | Path) -> list[dict]:
