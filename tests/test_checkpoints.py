@@ -34,8 +34,9 @@ def from_step_3(src, dst):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", SOURCES)
-def test_resume_in_the_same_layout_is_bitwise(source, sources, world, tmp_path):
+def test_resume_in_the_same_layout_is_bitwise(sources, world, tmp_path):
+    """TP2xPP2 here; 2-process ZeRO-1 in test_train.py."""
+    source = "tp2-pp2-zero1"
     resumed = from_step_3(sources / source, tmp_path / "resumed")
     nproc, layout = SOURCES[source]
     result = train(world, resumed, nproc, *layout)

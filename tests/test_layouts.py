@@ -37,8 +37,10 @@ def train(world, out, nproc, *overrides):
 
 @pytest.fixture(scope="module")
 def reference(world, tmp_path_factory):
+    """One-process runs of each preset: their per-step records (and run directories, under "<preset>_dir")."""
     root = tmp_path_factory.mktemp("reference")
-    return {preset: train(world, root / preset, 1, f"model.preset={preset}") for preset in ("emu3", "chameleon")}
+    runs = {preset: train(world, root / preset, 1, f"model.preset={preset}") for preset in ("emu3", "chameleon")}
+    return {**runs, **{f"{preset}_dir": root / preset for preset in runs}}
 
 
 def assert_same_run(records, reference, loss_tol, grad_tol):
@@ -57,7 +59,7 @@ def test_layout_matches_one_process_in_fp32(layout, reference, world, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2-pp2-zero1", "tp2-dp2-zero2", "tp2-dp2-zero3", "tp4-sequence-parallel"])
+@pytest.mark.parametrize("layout", ["tp2-pp2-zero1", "tp2-dp2-zero3"])
 def test_layout_in_bf16_stays_close_to_fp32(layout, reference, world, tmp_path):
     records = train(world, tmp_path / layout, 4, *LAYOUTS[layout], "parallel.bf16=true")
     for ours, ref in zip(records, reference["emu3"]):
@@ -71,13 +73,13 @@ def test_chameleon_preset_under_tp_and_pp(reference, world, tmp_path):
 
 
 @pytest.mark.slow
-def test_loss_curves_in_tensorboard_agree_between_one_process_and_tp2_pp2(world, tmp_path):
+def test_loss_curves_in_tensorboard_agree_between_one_process_and_tp2_pp2(reference, world, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    train(world, tmp_path / "tp2pp2", 4, *LAYOUTS["tp2-pp2-zero1"])
     curves = {}
-    for name, nproc, layout in (("single", 1, []), ("tp2pp2", 4, LAYOUTS["tp2-pp2-zero1"])):
-        train(world, tmp_path / name, nproc, *layout)
-        events = EventAccumulator(str(tmp_path / name / "tensorboard"))
+    for name, run in (("single", reference["emu3_dir"]), ("tp2pp2", tmp_path / "tp2pp2")):
+        events = EventAccumulator(str(run / "tensorboard"))
         events.Reload()
         curves[name] = [e.value for e in events.Scalars("loss/total")]
         assert "mfu" in events.Tags()["scalars"] and "tflops_per_device" in events.Tags()["scalars"]

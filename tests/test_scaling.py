@@ -11,7 +11,7 @@ import yaml
 from conftest import REPO, run_loom
 from pretrain.config import ConfigError, TrainConfig, build, load_tree, validate
 from pretrain.scaling import FitError, fit_approach2, fit_approach3, optimal_allocation
-from pretrain.sweep import load_spec, plan
+from pretrain.sweep import load_spec, plan, run_sweep
 
 # Hoffmann et al. 2022's fitted law, used as the truth
 E, A, B, ALPHA, BETA = 1.69, 406.4, 410.7, 0.34, 0.28
@@ -96,10 +96,10 @@ def test_a_real_sweep_runs_resumes_and_fits(world, tmp_path):
     longest = max(points, key=lambda p: p.steps)
     assert points.index(longest) == 3 and all(p.steps < longest.steps for p in points[:3])
 
-    printed = run_loom("sweep", "run", spec_path, "--launch", "print")
-    assert printed.returncode == 0 and len(printed.stdout.strip().splitlines()) == 6
-    slurm = run_loom("sweep", "run", spec_path, "--launch", "slurm")
-    assert slurm.returncode == 0 and "#SBATCH --array=0-5" in (tmp_path / "sweep" / "sweep.sbatch").read_text()
+    assert run_sweep(spec_path, "print", log=lambda m: None)["points"] == 6
+    run_sweep(spec_path, "slurm", log=lambda m: None)
+    sbatch = (tmp_path / "sweep" / "sweep.sbatch").read_text()
+    assert "#SBATCH --array=0-5" in sbatch and sbatch.count("loom train") == 6
 
     # the 4th point's process dies in its final save: the sweep stops there
     killed = run_loom("sweep", "run", spec_path, env={"LOOM_FAULT": f"save:{longest.steps}:0"}, timeout=1200)
