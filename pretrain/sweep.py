@@ -126,7 +126,7 @@ def plan(spec: SweepSpec, base: Path, vocab_size: int) -> tuple[list[Point], lis
             interval = math.ceil(steps / max(spec.checkpoints_per_point, 1))
             warmup = min(cfg.schedule.warmup_steps, steps // 10)
             overrides += [f"schedule.steps={steps}", f"schedule.warmup_steps={warmup}",
-                          f"checkpoint.interval={interval}", f"checkpoint.keep_last=1"]
+                          f"checkpoint.interval={interval}", "checkpoint.keep_last=1"]
             points.append(Point(name, depth, f"{kind}={budget:.3g}", steps, steps * batch_tokens, overrides,
                                 params, per_token))
     return points, notes

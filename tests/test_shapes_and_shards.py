@@ -1,5 +1,4 @@
 import json
-import tarfile
 
 import numpy as np
 import pytest
