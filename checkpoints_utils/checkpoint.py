@@ -116,9 +116,9 @@ def save(engine, run_dir: str | Path, state: TrainState, cfg: TrainConfig, keep_
 
 
 def check_architecture(folder: Path, cfg: TrainConfig) -> None:
-    saved = yaml.safe_load((folder / "config.yaml").read_text())["model"]
-    ours = {k: getattr(cfg.model, k) for k in ARCHITECTURE}
-    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in ours.items() if saved.get(k) != v]
+    saved = read_config(folder).model
+    diffs = [f"model.{k}: checkpoint {getattr(saved, k)!r}, this run {getattr(cfg.model, k)!r}"
+             for k in ARCHITECTURE if getattr(saved, k) != getattr(cfg.model, k)]
     if diffs:
         raise ConfigError(f"{folder} holds another model ({'; '.join(diffs)}); set these to the checkpoint's "
                           f"values or start a new out_dir")

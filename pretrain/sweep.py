@@ -193,12 +193,35 @@ eval "${{POINTS[$SLURM_ARRAY_TASK_ID]}} parallel.nproc_per_node={nproc}"
 """
 
 
-def run_sweep(spec_path: str | Path, launch: str = "local", vocab_size: int | None = None, log=print) -> dict:
-    """Run (local), print the commands of (print), or write an sbatch array for (slurm) every point."""
+def load_sweep(spec_path: str | Path, vocab_size: int | None = None):
+    """The spec, its base config path and validated base config, the points and the notes on left-out points."""
     spec, base = load_spec(spec_path)
     base_cfg = build(TrainConfig, load_tree(base, spec.overrides))
     validate(base_cfg)
     points, notes = plan(spec, base, vocab_size or data_vocab_size(base_cfg))
+    return spec, base, base_cfg, points, notes
+
+
+def run_point(base: Path, spec: SweepSpec, point: Point) -> None:
+    """Train one point (resuming its checkpoint if any); wall time accumulates over attempts."""
+    folder = point_dir(spec, point)
+    folder.mkdir(parents=True, exist_ok=True)
+    wall_file = folder / "sweep_wall.json"
+    wall = json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else 0.0
+    start = time.time()
+    command = [sys.executable, "-m", "launch.cli", *train_command(base, spec, point)[1:]]
+    result = subprocess.run(command, capture_output=True, text=True)
+    wall_file.write_text(json.dumps({"seconds": wall + time.time() - start}))
+    (folder / "train.log").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        tail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"sweep point {point.name} failed ({tail}); log: {folder / 'train.log'}; "
+                           f"rerun the same command to resume")
+
+
+def run_sweep(spec_path: str | Path, launch: str = "local", vocab_size: int | None = None, log=print) -> dict:
+    """Run (local), print the commands of (print), or write an sbatch array for (slurm) every point."""
+    spec, base, base_cfg, points, notes = load_sweep(spec_path, vocab_size)
     for note in notes:
         log(f"sweep: {note}")
     if launch == "print":
@@ -219,19 +242,7 @@ def run_sweep(spec_path: str | Path, launch: str = "local", vocab_size: int | No
             continue
         log(f"sweep: [{i}/{len(points)}] {p.name}: depth {p.depth}, N {p.params['total']:,}, "
             f"D {p.tokens:,} tokens, {p.steps} steps")
-        folder = point_dir(spec, p)
-        folder.mkdir(parents=True, exist_ok=True)
-        wall_file = folder / "sweep_wall.json"
-        wall = json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else 0.0
-        start = time.time()
-        command = [sys.executable, "-m", "launch.cli", *train_command(base, spec, p)[1:]]
-        result = subprocess.run(command, capture_output=True, text=True)
-        wall_file.write_text(json.dumps({"seconds": wall + time.time() - start}))
-        (folder / "train.log").write_text(result.stdout + result.stderr)
-        if result.returncode != 0:
-            tail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise RuntimeError(f"sweep point {p.name} failed ({tail}); log: {folder / 'train.log'}; "
-                               f"rerun the same command to resume")
+        run_point(base, spec, p)
         ran += 1
     results = write_results(spec, points)
     log(f"sweep: {ran} points trained, {skipped} already finished; results {results} and "
@@ -240,9 +251,7 @@ def run_sweep(spec_path: str | Path, launch: str = "local", vocab_size: int | No
 
 
 def collect(spec_path: str | Path, vocab_size: int | None = None) -> Path:
-    spec, base = load_spec(spec_path)
-    base_cfg = build(TrainConfig, load_tree(base, spec.overrides))
-    points, _ = plan(spec, base, vocab_size or data_vocab_size(base_cfg))
+    spec, _, _, points, _ = load_sweep(spec_path, vocab_size)
     return write_results(spec, points)
 
 
