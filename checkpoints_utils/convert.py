@@ -51,6 +51,20 @@ def data_vocabulary(cfg: TrainConfig, data: str | Path | None) -> tuple[Path, di
                           f"pass --data TOKEN_DIR, a directory written by `loom data tokenize`, for the tokenizer")
 
 
+def locate_visual_tokenizer(vocab: dict, data_dir: Path, layout: VocabLayout, shared: dict,
+                            override: str | Path | None) -> Path:
+    """The VQ directory (`override`, else the one vocab.json records), checked against the fingerprint
+    the checkpoint was trained on (imported weights have none: nothing to check)."""
+    vq_dir = Path(override or vocab.get("visual_tokenizer") or "")
+    if not (vq_dir / "config.json").exists():
+        raise CheckpointError(f"visual tokenizer not found at {vq_dir}; pass --visual-tokenizer DIR")
+    trained_on = shared.get("fingerprint")
+    if trained_on and fingerprint(layout, data_dir / "text_tokenizer.model", vq_dir) != trained_on:
+        raise CheckpointError(f"{vq_dir} is not the visual tokenizer this model was trained with "
+                              f"(vocabulary fingerprint {trained_on})")
+    return vq_dir
+
+
 def build_tokenizer(text_model: Path, layout: VocabLayout):
     """A transformers tokenizer equal to sentencepiece on text, with Loom's specials and visual tokens."""
     from tokenizers import AddedToken
@@ -125,13 +139,7 @@ def export_hf(ckpt: str | Path, out: str | Path, fmt: str = "emu3", visual_token
             vq_config={"embed_dim": 8, "num_embeddings": 16, "latent_channels": 8, "base_channels": 32,
                        "channel_multiplier": [1, 2], "resolution": 32, "num_res_blocks": 1}))
     else:
-        vq_dir = Path(visual_tokenizer or vocab.get("visual_tokenizer") or "")
-        if not (vq_dir / "config.json").exists():
-            raise CheckpointError(f"visual tokenizer not found at {vq_dir}; pass --visual-tokenizer DIR")
-        trained_on = shared.get("fingerprint")  # empty for imported weights: nothing to check against
-        if trained_on and fingerprint(layout, data_dir / "text_tokenizer.model", vq_dir) != trained_on:
-            raise CheckpointError(f"{vq_dir} is not the visual tokenizer this model was trained with "
-                                  f"(vocabulary fingerprint {trained_on})")
+        vq_dir = locate_visual_tokenizer(vocab, data_dir, layout, shared, visual_tokenizer)
         vq, vocabulary_map, processor = emu3_extras(tokenizer, layout, vq_dir, vocab.get("image_size", 32))
         model = Emu3ForConditionalGeneration(Emu3Config(vq_config=vq.config.to_dict(), text_config=kw,
                                                         vocabulary_map=vocabulary_map))

@@ -57,31 +57,40 @@ def render(objects: list[dict], size: int) -> np.ndarray:
     return np.asarray(img)
 
 
-def _group_objects(rng: random.Random, shape: str, color: str, count: int, position: str) -> list[dict]:
-    """`count` equal objects around `position`, spread so they do not overlap."""
+def group_objects(rng: random.Random, shape: str, color: str, count: int, position: str) -> list[dict]:
+    """`count` equal objects around `position`, at least 0.07 of the image apart, so that pixels can
+    count them (ShapesEval)."""
     px, py = POSITIONS[position]
-    r = rng.choice((0.09, 0.12)) if count > 1 else rng.choice((0.1, 0.16))
-    offsets = {1: [0.0], 2: [-0.13, 0.13], 3: [-0.22, 0.0, 0.22]}[count]
+    r = rng.choice((0.08, 0.09)) if count > 1 else rng.choice((0.1, 0.16))
+    offsets = {1: [0.0], 2: [-0.15, 0.15], 3: [-0.25, 0.0, 0.25]}[count]
     horizontal = position in ("top", "bottom", "center")
     return [{"shape": shape, "color": color, "r": r,
              "cx": px + (dx if horizontal else 0.0), "cy": py + (0.0 if horizontal else dx)}
             for dx in offsets]
 
 
+def group_caption(shape: str, color: str, count: int, position: str) -> str:
+    """'two red squares on the left', 'a blue circle in the center'."""
+    where = "in the center" if position == "center" else f"on the {position}" \
+        if position in ("left", "right") else f"at the {position}"
+    return f"{NUMBERS[count]} {color} {plural(shape, count)} {where}"
+
+
+def pair_caption(s1: str, c1: str, p1: str, s2: str, c2: str, p2: str) -> str:
+    return f"a {c1} {s1} on the {p1} and a {c2} {s2} on the {p2}"
+
+
 def image_scene(rng: random.Random) -> tuple[list[dict], str]:
-    """Objects and a caption: one group ('two red squares on the left') or two groups side by side."""
+    """Objects and a caption: one group ('two red squares on the left') or two objects apart."""
     if rng.random() < 0.3:
         (s1, s2), (c1, c2) = rng.sample(SHAPES, 2), rng.sample(list(COLORS), 2)
         p1, p2 = rng.choice([("left", "right"), ("top", "bottom")])
-        objects = _group_objects(rng, s1, c1, 1, p1) + _group_objects(rng, s2, c2, 1, p2)
-        return objects, f"a {c1} {s1} on the {p1} and a {c2} {s2} on the {p2}"
+        objects = group_objects(rng, s1, c1, 1, p1) + group_objects(rng, s2, c2, 1, p2)
+        return objects, pair_caption(s1, c1, p1, s2, c2, p2)
     shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
     count = rng.choice((1, 1, 2, 3))
     position = rng.choice(list(POSITIONS))
-    objects = _group_objects(rng, shape, color, count, position)
-    where = "in the center" if position == "center" else f"on the {position}" \
-        if position in ("left", "right") else f"at the {position}"
-    return objects, f"{NUMBERS[count]} {color} {plural(shape, count)} {where}"
+    return group_objects(rng, shape, color, count, position), group_caption(shape, color, count, position)
 
 
 def video_clip(rng: random.Random, spec: WorldSpec) -> tuple[np.ndarray, dict, str]:

@@ -30,13 +30,13 @@ from .raw import SkipCounter, iter_documents
 @dataclass
 class VQTrainConfig:
     codebook_size: int = 256
-    embed_dim: int = 4
+    embed_dim: int = 16
     base_channels: int = 32
     channel_multiplier: tuple[int, ...] = (1, 1, 2, 2)
     num_res_blocks: int = 1
     image_size: int = 32
     video_frames: int = 8
-    steps: int = 150
+    steps: int = 1000
     batch_size: int = 16
     lr: float = 2e-3
     commitment: float = 0.25
@@ -189,6 +189,9 @@ def train_visual_tokenizer(raw_dirs, out_dir: str | Path, cfg: VQTrainConfig, lo
     tokenizer = VisualTokenizer.from_config(cfg)
     tokenizer.train()
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    warmup = max(cfg.steps // 20, 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min((i + 1) / warmup, 0.55 + 0.45 * math.cos(
+        math.pi * min(i / cfg.steps, 1.0))))
     rng = random.Random(cfg.seed)
     usage = torch.zeros(cfg.codebook_size, dtype=torch.long)
     start, history = time.time(), []
@@ -198,6 +201,7 @@ def train_visual_tokenizer(raw_dirs, out_dir: str | Path, cfg: VQTrainConfig, lo
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
         usage += torch.bincount(stats["codes"].flatten(), minlength=cfg.codebook_size)
         if cfg.restart_dead_codes_every and step % cfg.restart_dead_codes_every == 0 and step < cfg.steps:
             dead = (usage == 0).nonzero().flatten()

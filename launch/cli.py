@@ -7,6 +7,8 @@ import os
 import sys
 import warnings
 
+from .sample_commands import add_parsers as add_sample_parsers
+
 
 class UserError(Exception):
     """An error whose message is all the user needs (no traceback)."""
@@ -171,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
     p.add_argument("--docs", type=int, default=3000, help="documents to synthesize")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
-    p.add_argument("--vq-steps", type=int, default=None, help="visual tokenizer training steps (default 150)")
+    p.add_argument("--vq-steps", type=int, default=None, help="visual tokenizer training steps (default 1000)")
     p.add_argument("--force", action="store_true", help="redo stages that are already done")
     p.set_defaults(func=cmd_quickstart)
 
@@ -213,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(func=cmd_eval_nll)
+
+    add_sample_parsers(sub, evals)
 
     sweep = sub.add_parser("sweep", help="scaling-law sweeps: run the points, fit the laws").add_subparsers(
         dest="sweep_command", required=True, metavar="STEP")
@@ -257,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("visual-tokenizer", help="train the VQ visual tokenizer on raw shards")
     p.add_argument("--raw", nargs="+", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--codebook-size", type=int, default=256)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=16)

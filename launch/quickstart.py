@@ -102,6 +102,12 @@ def quickstart(out: str, docs: int, steps: int | None, vq_steps: int | None = No
               f"{summary['final_eval_loss'][kind]:.3f}   (training loss, last 10 steps: "
               f"{summary['final_loss'].get(kind, float('nan')):.3f})")
     print(f"  tokens seen (with loss): {summary['consumed_tokens']}")
+    if summary.get("shapes_eval"):
+        from pretrain.shapes_eval import format_table
+
+        print(f"  ShapesEval of the final checkpoint ({train_dir / 'shapes_eval'}):")
+        table = format_table(summary["shapes_eval"], cfg.samples.shapes_eval_per_category)
+        print("    " + table.replace("\n", "\n    "))
     for text, ok in checks:
         print(f"  [{'ok' if ok else 'FAILED'}] {text}")
     print(f"  checkpoint:  {summary['checkpoint']}")

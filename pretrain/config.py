@@ -148,6 +148,25 @@ class EvalConfig:
                          "size x data.micro_batch_size.", 32)
 
 
+def default_sample_prompts() -> list[str]:
+    return ["A red circle in the center.", "Two blue squares on the left.",
+            "A green triangle on the top and a yellow circle on the bottom.", "Three purple circles at the bottom."]
+
+
+@dataclass
+class SamplesConfig:
+    interval: int = doc("Every this many steps (a multiple of checkpoint.interval) and at the end, a background "
+                        "process on global rank 0's machine draws `prompts` and runs ShapesEval on the checkpoint "
+                        "just saved (any layout), logging images and accuracies to TensorBoard (samples/*, "
+                        "shapes_eval/*) and writing out_dir/shapes_eval/step_N/. Training does not wait for it. "
+                        "0: off.", 0)
+    prompts: list[str] = doc("Fixed text-to-image prompts drawn every time.", factory=default_sample_prompts)
+    shapes_eval_per_category: int = doc("ShapesEval prompts per category (shapes-world models; 0: none).", 8)
+    cfg_scale: float = doc("Classifier-free guidance scale of the samples.", 3.0)
+    device: str = doc("Device of the sampling process: 'auto' (cuda when available, else cpu), 'cpu', 'cuda:N'.",
+                      "auto")
+
+
 @dataclass
 class TrainConfig:
     out_dir: str = doc("Run directory: checkpoints, metrics.jsonl, TensorBoard logs, config.yaml.",
@@ -161,6 +180,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = doc("Saving and resuming.", factory=CheckpointConfig)
     eval: EvalConfig = doc("Loss per modality on held-out data.", factory=EvalConfig)
     logging: LoggingConfig = doc("Console and TensorBoard.", factory=LoggingConfig)
+    samples: SamplesConfig = doc("Images and ShapesEval from checkpoints during training.", factory=SamplesConfig)
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -351,6 +371,10 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         for name, src in sources.items():
             if src.weight <= 0:
                 raise ConfigError(f"{section}.sources.{name}.weight must be > 0, got {src.weight}")
+    interval, every = cfg.samples.interval, cfg.checkpoint.interval
+    if interval < 0 or (interval and (not every or interval % every)):
+        raise ConfigError(f"samples.interval ({interval}) must be 0 or a multiple of checkpoint.interval ({every}): "
+                          f"samples are drawn from saved checkpoints")
     if cfg.eval.sources and cfg.eval.sequences < 1:
         raise ConfigError(f"eval.sequences must be >= 1 when eval.sources is set, got {cfg.eval.sequences}")
     if world_size is not None:

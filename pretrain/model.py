@@ -88,6 +88,39 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor | None:
     return (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None] & causal
 
 
+class KVCache:
+    """Keys and values of the tokens seen so far, for incremental decoding (pretrain/generate.py).
+
+    Per layer (b, g, max_len, hd), RoPE already applied. It also keeps the doc ids of the cached
+    tokens, so the document-causal mask covers left padding: a prompt's padding is a document of
+    its own that no real token attends to.
+    """
+
+    def __init__(self, n_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.doc_ids = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+        self.start = self.length = 0
+
+    def extend(self, doc_ids: torch.Tensor) -> torch.Tensor:
+        """Append s tokens (doc_ids (b, s)); returns their mask (b, 1, s, length) over all cached keys."""
+        s = doc_ids.shape[1]
+        self.start, self.length = self.length, self.length + s
+        self.doc_ids[:, self.start:self.length] = doc_ids
+        query_pos = torch.arange(self.start, self.length, device=doc_ids.device)
+        causal = query_pos[:, None] >= torch.arange(self.length, device=doc_ids.device)[None, :]  # (s, length)
+        same_doc = doc_ids[:, :, None] == self.doc_ids[:, None, :self.length]                     # (b, s, length)
+        return (same_doc & causal)[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' k, v (b, g, s, hd) of `layer`; returns all of them (b, g, length, hd)."""
+        self.keys[layer][:, :, self.start:self.length] = k
+        self.values[layer][:, :, self.start:self.length] = v
+        return self.keys[layer][:, :, :self.length], self.values[layer][:, :, :self.length]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, init, out_init):
         super().__init__()
@@ -106,7 +139,8 @@ class Attention(nn.Module):
             if cfg.qk_norm else None
         self.k_norm = HeadLayerNorm(self.local_kv, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: tuple[KVCache, int] | None = None) -> torch.Tensor:
         qkv, _ = self.qkv(x)                   # (s, b, g*(q_per_kv+2)*hd); gathers the sequence under SP
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.local_kv, self.q_per_kv + 2, self.head_dim)
@@ -116,6 +150,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))              # (b, heads, s, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:                                             # keys/values (b, g, cached s, hd)
+            k, v = cache[0].update(cache[1], k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=True)                # (b, h, s, hd)
         y = y.permute(2, 0, 1, 3).reshape(s, b, -1)                        # (s, b, h*hd)
@@ -189,11 +225,11 @@ class Block(nn.Module):
             self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
             self.mlp = SwiGLU(cfg, mp, init, out_init)
 
-    def forward(self, x, cos, sin, mask):                                  # x: (s, b, d)
+    def forward(self, x, cos, sin, mask, cache: tuple[KVCache, int] | None = None):  # x: (s, b, d)
         if self.swin_norm:  # Chameleon: normalise each sublayer's output before the residual add
-            h = x + self.attn_norm(self.attn(x, cos, sin, mask))
+            h = x + self.attn_norm(self.attn(x, cos, sin, mask, cache))
             return h + self.mlp_norm(self.mlp(h))
-        h = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        h = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -234,12 +270,19 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, mp, seed, i + 1) for i in range(cfg.n_layers))
         self.head = Head(cfg, mp, seed)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
-        """tokens, positions, doc_ids (b, s) -> logits of the local vocabulary shard (s, b, v)."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """tokens, positions, doc_ids (b, s) -> logits of the local vocabulary shard (s, b, v).
+
+        With a cache, the tokens continue the cached ones and attend to them too."""
         x = self.embed(tokens)
-        cos, sin, mask = attention_inputs(positions, doc_ids, self.cfg)
-        for block in self.blocks:
-            x = block(x, cos, sin, mask)
+        if cache is None:
+            cos, sin, mask = attention_inputs(positions, doc_ids, self.cfg)
+        else:
+            cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+            mask = cache.extend(doc_ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, None if cache is None else (cache, i))
         return self.head(x)
 
 

@@ -6,7 +6,7 @@ consolidated (checkpoints_utils.consolidate) into the single-process Transformer
 
 from __future__ import annotations
 
-import socket
+import math
 from pathlib import Path
 
 import torch
@@ -27,10 +27,9 @@ def single_process_groups() -> None:
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
-        with socket.socket() as s:  # a free port of its own, whatever MASTER_PORT says
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        # an in-memory store: no port, and no rendezvous with a torchrun job this process may have been
+        # started from (under TORCHELASTIC_USE_AGENT_STORE a tcp:// group would wait for that job's store)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
 
@@ -73,6 +72,8 @@ def evaluate_nll(ckpt: str | Path, data: list[str | Path], max_tokens: int = 100
             sums += lm_loss(logits, mb["targets"], mb["loss_kind"], 0.0)[1]
             positions += mb["tokens"].numel()
     tokens = {name: int(sums[1, kind]) for kind, name in LOSS_KIND_NAMES.items() if sums[1, kind] > 0}
+    losses = losses_by_kind(sums)
     return {"checkpoint": shared["checkpoint"], "step": shared["step"], "data": [str(d) for d in data],
-            "positions": positions, "loss": losses_by_kind(sums),
+            "positions": positions, "loss": losses,
+            "bits_per_token": {k: losses[k] / math.log(2) for k in ("image", "video") if k in losses},
             "loss_tokens": {"total": int(sums[1, 1:].sum()), **tokens}}

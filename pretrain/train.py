@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from .evaluate import evaluate
 from .flops import flops_per_token, measure_peak_tflops, peak_memory_gib
 from .metrics import MetricsLogger, losses_by_kind, read_metrics, summarize
 from .parallel import destroy_distributed, init_distributed, parallelize
+from .samples import BackgroundSampler
 from .step import PipelineLoss, run_step
 from .train_state import TrainState
 
@@ -61,12 +63,14 @@ def train(cfg: TrainConfig) -> dict:
     metrics = MetricsLogger(run_dir, layout.rank == 0, cfg.logging.tensorboard, state.step)
     peak = cfg.logging.peak_tflops or measure_peak_tflops(
         cfg.model.dim, torch.bfloat16 if cfg.parallel.bf16 else torch.float32, layout.device)
+    sampler = BackgroundSampler(cfg, layout.rank == 0, lambda m: log(layout, m))
     step_flops = flops_per_token(cfg.model, cfg.data.seq_len) * cfg.data.global_batch_size * cfg.data.seq_len
 
     def run_eval():
         if eval_sources:
             losses = evaluate(engine, cfg, eval_sources, vocab, layout, pipeline_loss)
-            metrics.log(state.step, {"eval_loss": losses})
+            bits = {k: losses[k] / math.log(2) for k in ("image", "video") if k in losses}
+            metrics.log(state.step, {"eval_loss": losses, "eval_bits_per_token": bits})
             log(layout, f"eval at step {state.step} | " + " ".join(f"{k} {v:.3f}" for k, v in losses.items()))
 
     if state.step == 0:
@@ -95,12 +99,18 @@ def train(cfg: TrainConfig) -> dict:
         if last or (cfg.eval.interval and state.step % cfg.eval.interval == 0):
             run_eval()
         if last or (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0):
+            sampler.wait()  # a sampling child may still read a checkpoint this save would delete
             tag = checkpoint.save(engine, run_dir, state, cfg, cfg.checkpoint.keep_last, loader)
+            if sampler.due(state.step, last):
+                sampler.start(checkpoint.checkpoint_dir(run_dir) / tag, state.step)
     metrics.close()
+    shapes_accuracy = sampler.wait()
     summary = {}
     if layout.rank == 0:
         summary = {**summarize(read_metrics(run_dir)), "checkpoint": str(checkpoint.checkpoint_dir(run_dir) / tag),
                    "tensorboard": str(run_dir / "tensorboard")}
+        if shapes_accuracy is not None:
+            summary["shapes_eval"] = shapes_accuracy
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log(layout, f"trained {state.step} steps, {state.consumed_tokens['total']} loss tokens; "
                     f"checkpoint {summary['checkpoint']}")

@@ -39,6 +39,8 @@ def test_presets():
     (["model.dim=130"], "model.dim (130) must be divisible by model.n_heads (4)"),
     (["schedule.warmup_steps=500", "schedule.steps=10"], "schedule.warmup_steps (500)"),
     (["nonsense"], "is not of the form key=value"),
+    (["samples.interval=150", "checkpoint.interval=100"], "samples.interval (150) must be 0 or a multiple of "
+                                                          "checkpoint.interval (100)"),
 ])
 def test_errors_name_the_field_and_what_to_change(overrides, message):
     with pytest.raises(ConfigError) as e:

@@ -6,6 +6,7 @@ within 1e-4 (fp32) on a real document with text and image tokens.
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -147,6 +148,7 @@ def test_import_then_export_is_exact_and_trains(fmt, chameleon, sources, world, 
                                "--seq-len", "128").stdout)
            for c in (ckpt, imported)]
     assert abs(nll[0]["loss"]["total"] - nll[1]["loss"]["total"]) <= 1e-5 and nll[0]["loss_tokens"] == nll[1]["loss_tokens"]
+    assert nll[0]["bits_per_token"]["image"] == pytest.approx(nll[0]["loss"]["image"] / math.log(2))
     trained = run_loom("train", imported / "config.yaml", f"out_dir={imported}", f"data.sources.shapes.path={world / 'tokens'}",
                        "parallel.tp=2", "parallel.nproc_per_node=2", "schedule.steps=2", "schedule.warmup_steps=1",
                        "data.global_batch_size=8", "data.micro_batch_size=4", "data.seq_len=128")

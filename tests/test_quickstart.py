@@ -19,6 +19,11 @@ def test_quickstart_end_to_end_then_skips_finished_stages(tmp_path):
                  "train/summary.json", "train/config.yaml", "train/checkpoints/latest"):
         assert (out / path).exists(), path
     assert "quickstart: learned" in first.stdout and "tensorboard --logdir" in first.stdout
+    # samples and ShapesEval of the final checkpoint, drawn by a background process during training
+    shapes = json.loads((out / "train" / "shapes_eval" / "step_000060" / "shapes_eval.json").read_text())
+    assert shapes["step"] == 60 and len(shapes["samples"]) == 6 * 16 and len(shapes["prompts"]) == 4
+    assert result["shapes_eval"] == shapes["accuracy"] and "shapes eval at step 60" in first.stdout
+    assert list((out / "train" / "tensorboard").glob("*.samples"))
 
     manifest = (out / "tokens" / "manifest.json").read_bytes()
     second = run_loom("quickstart", "--out", out, "--docs", "400", "--steps", "60", "--vq-steps", "20")

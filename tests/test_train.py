@@ -1,6 +1,7 @@
 """Training under torchrun with 2 processes (gloo, DeepSpeed ZeRO-1 on CPU), checkpoints and resume."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -38,6 +39,7 @@ def test_two_process_training_writes_everything(trained):
     assert "step 6/6" in result.stdout and "trained 6 steps" in result.stdout
     evals = [r for r in read_metrics(out) if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 6] and evals[1]["eval_loss"]["total"] < evals[0]["eval_loss"]["total"]
+    assert evals[1]["eval_bits_per_token"]["image"] == pytest.approx(evals[1]["eval_loss"]["image"] / math.log(2))
     assert (out / "config.yaml").exists() and list((out / "tensorboard").glob("events.*"))
     assert latest_tag(out) == "step_000006"
     for tag in ("step_000003", "step_000006"):

@@ -1,0 +1,259 @@
+"""Sampling from a checkpoint: text, text-to-image, image-to-text and text-to-video.
+
+One process: a checkpoint of any training layout is consolidated into the single-process
+Transformer (pretrain/nll.load_model). A KV cache makes every new token cost one position;
+`use_cache=False` recomputes the whole sequence at every step (the tests compare the two).
+
+Images and videos follow the vocabulary layout (data_pipeline/vocab.py) by construction: the
+prompt ends with `<|image start|> "{h}*{w}" <|image token|>` and a template then forces every
+structural token (eol after each w codes, eof, the end token) and lets the model choose only among
+visual codes in between, so every sample is a decodable grid of the asked size. Classifier-free
+guidance runs the prompt and a negative prompt as one batch and mixes their logits.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.media import encode_mp4, encode_png
+from data_pipeline.text_tokenizer import TextTokenizer
+from data_pipeline.vocab import VocabLayout
+from .model import KVCache, Transformer
+
+VISUAL = -1  # a template slot where the model picks any visual code
+
+
+@dataclass
+class Sampling:
+    temperature: float = 1.0
+    """Softmax temperature; 0 samples greedily."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0: all)."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens whose probability reaches top_p (1: all)."""
+    cfg_scale: float = 1.0
+    """Classifier-free guidance for images and video: logits = uncond + scale * (cond - uncond); 1: off."""
+    negative_prompt: str = ""
+    """Text of the unconditional branch of guidance."""
+    max_new_tokens: int = 64
+    """Text continuation and captions stop here or at <|eos|>."""
+    seed: int = 0
+    """Seed of the sampling generator: the same seed gives the same samples."""
+
+
+def filter_logits(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """(n, v) -> (n, v) with temperature applied and tokens outside top-k / top-p set to -inf."""
+    logits = logits / s.temperature
+    if s.top_k > 0:
+        kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first always stays)
+        drop_sorted = probs.cumsum(-1) - probs >= s.top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> torch.Tensor:
+    """(n, v) logits -> (n,) token ids."""
+    if s.temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits.float(), s).softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).view(-1).to(logits.device)
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance, written as cond + (scale - 1)(cond - uncond) so that scale 1 gives
+    `cond` exactly; entries that are -inf in either branch (vocabulary padding) keep cond's value."""
+    finite = torch.isfinite(cond) & torch.isfinite(uncond)
+    return cond + (scale - 1.0) * torch.where(finite, cond - uncond, torch.zeros_like(cond))
+
+
+def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths -> tokens, positions, doc_ids (b, L). Padding is document 1, the
+    prompt document 0, and positions count from each prompt's first real token."""
+    length = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), length), pad, dtype=torch.long)
+    positions = torch.zeros_like(tokens)
+    doc_ids = torch.ones_like(tokens)
+    for i, row in enumerate(rows):
+        start = length - len(row)
+        tokens[i, start:] = torch.tensor(row)
+        positions[i, start:] = torch.arange(len(row))
+        doc_ids[i, start:] = 0
+    return tokens.to(device), positions.to(device), doc_ids.to(device)
+
+
+@torch.no_grad()
+def sample_tokens(model: Transformer, prompts: list[list[int]], template: list[int] | None, free_mask: torch.Tensor,
+                  s: Sampling, pad: int, stop: int | None = None, uncond: list[list[int]] | None = None,
+                  use_cache: bool = True) -> torch.Tensor:
+    """Continue each prompt; returns the new tokens (n, steps).
+
+    template: one entry per new token, a forced id or VISUAL (choose among `free_mask`, a bool (v,)
+    over the model's vocabulary); None: every token is free, up to s.max_new_tokens or `stop` in
+    every row. uncond: prompts of the guidance branch (one per prompt), mixed with s.cfg_scale.
+    """
+    n = len(prompts)
+    device = next(model.parameters()).device
+    steps = len(template) if template is not None else s.max_new_tokens
+    rows = prompts + (uncond or [])
+    tokens, positions, doc_ids = left_pad(rows, pad, device)
+    generator = torch.Generator().manual_seed(s.seed)
+    cfg = model.cfg
+    cache = KVCache(cfg.n_layers, len(rows), tokens.shape[1] + steps, cfg.n_kv_heads, cfg.head_dim,
+                    next(model.parameters()).dtype, device) if use_cache else None
+    logits = model(tokens, positions, doc_ids, cache)[-1]                  # (rows, v) at the last position
+    free_mask = free_mask.to(device)
+    out, done = [], torch.zeros(n, dtype=torch.bool, device=device)
+    for i in range(steps):
+        if template is not None and template[i] != VISUAL:
+            token = torch.full((n,), template[i], dtype=torch.long, device=device)
+        else:
+            scores = logits[:n].float()
+            if uncond:
+                scores = guide(scores, logits[n:].float(), s.cfg_scale)
+            token = next_tokens(scores.masked_fill(~free_mask, float("-inf")), s, generator)
+        if stop is not None:
+            token = token.masked_fill(done, stop)
+            done |= token == stop
+        out.append(token)
+        if i == steps - 1 or bool(done.all()):
+            break
+        feed = torch.cat([token, token]) if uncond else token             # (rows,)
+        next_pos = positions[:, -1:] + 1
+        if use_cache:
+            tokens, positions = feed[:, None], next_pos
+            logits = model(tokens, positions, torch.zeros_like(tokens), cache)[-1]
+        else:
+            tokens, positions = torch.cat([tokens, feed[:, None]], 1), torch.cat([positions, next_pos], 1)
+            doc_ids = torch.cat([doc_ids, torch.zeros_like(next_pos)], 1)
+            logits = model(tokens, positions, doc_ids)[-1]
+    return torch.stack(out, 1)
+
+
+class Generator:
+    """A model with its tokenizers: prompts in, text / code grids / pixels out."""
+
+    def __init__(self, model: Transformer, text: TextTokenizer, layout: VocabLayout, visual=None,
+                 image_size: int = 32):
+        self.model, self.text, self.layout, self.visual = model, text, layout, visual
+        self.image_size = image_size
+        self.run_config, self.checkpoint = None, {}  # the training config and checkpoint record, when loaded from one
+        self.device = next(model.parameters()).device
+        v = model.cfg.padded_vocab_size
+        ids = torch.arange(v)
+        self.visual_mask = (ids >= layout.visual_offset) & (ids < layout.size)
+        self.text_mask = (ids < layout.text_size) | (ids == layout.eos)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: str | Path, data: str | Path | None = None,
+                        visual_tokenizer: str | Path | None = None, device: str = "cpu") -> "Generator":
+        """The checkpoint's model and the tokenizers of its data (vocab.json of `data` or of the run's
+        first data source), the visual tokenizer checked against the vocabulary fingerprint."""
+        from checkpoints_utils.convert import data_vocabulary, locate_visual_tokenizer
+        from data_pipeline.visual_tokenizer import VisualTokenizer
+        from .nll import load_model
+
+        model, cfg, shared = load_model(ckpt)
+        data_dir, vocab = data_vocabulary(cfg, data)
+        layout = VocabLayout.from_dict(vocab["layout"])
+        vq_dir = locate_visual_tokenizer(vocab, data_dir, layout, shared, visual_tokenizer)
+        gen = cls(model.to(device), TextTokenizer(data_dir / "text_tokenizer.model"), layout,
+                  VisualTokenizer.from_pretrained(vq_dir).to(device), vocab.get("image_size", 32))
+        gen.run_config, gen.checkpoint = cfg, shared
+        return gen
+
+    @property
+    def default_grid(self) -> tuple[int, int]:
+        side = self.image_size // self.visual.spatial
+        return side, side
+
+    def grid_template(self, frames: int, h: int, w: int, end: str) -> list[int]:
+        """Rows of w free slots + eol, eof after each frame, then `end`."""
+        L = self.layout
+        frame = ([VISUAL] * w + [L.special("<|eol|>")]) * h + [L.special("<|eof|>")]
+        return frame * frames + [L.special(end)]
+
+    def visual_prompt(self, text: str, start: str, shape: str) -> list[int]:
+        L = self.layout
+        return ([L.bos] + (self.text.encode(text) if text else []) + [L.special(start)] +
+                self.text.encode(shape) + [L.special("<|image token|>")])
+
+    def _codes(self, prompts: list[str], s: Sampling, frames: int, h: int, w: int, start: str, end: str,
+               shape: str, use_cache: bool) -> np.ndarray:
+        """Sampled code grids (n, frames, h, w)."""
+        cond = [self.visual_prompt(p, start, shape) for p in prompts]
+        uncond = [self.visual_prompt(s.negative_prompt, start, shape)] * len(prompts) if s.cfg_scale != 1.0 else None
+        template = self.grid_template(frames, h, w, end)
+        out = sample_tokens(self.model, cond, template, self.visual_mask, s, self.layout.special("<|pad|>"),
+                            uncond=uncond, use_cache=use_cache).cpu()
+        slots = torch.tensor(template) == VISUAL
+        return (out[:, slots] - self.layout.visual_offset).view(len(prompts), frames, h, w).numpy()
+
+    def image_codes(self, prompts: list[str], s: Sampling, grid: tuple[int, int] | None = None,
+                    use_cache: bool = True) -> np.ndarray:
+        """Text-to-image codes (n, h, w)."""
+        h, w = grid or self.default_grid
+        return self._codes(prompts, s, 1, h, w, "<|image start|>", "<|image end|>", f"{h}*{w}", use_cache)[:, 0]
+
+    def images(self, prompts: list[str], s: Sampling, grid: tuple[int, int] | None = None) -> list[np.ndarray]:
+        """Text-to-image: (8h, 8w, 3) uint8 pixels per prompt."""
+        return [self.visual.decode_image(c) for c in self.image_codes(prompts, s, grid)]
+
+    def videos(self, prompts: list[str], s: Sampling, frames: int = 8,
+               grid: tuple[int, int] | None = None) -> list[np.ndarray]:
+        """Text-to-video: (frames, 8h, 8w, 3) uint8 per prompt; frames a multiple of the VQ's 4."""
+        if frames % self.visual.temporal:
+            raise ValueError(f"frames must be a multiple of {self.visual.temporal}, got {frames}")
+        t, (h, w) = frames // self.visual.temporal, grid or self.default_grid
+        codes = self._codes(prompts, s, t, h, w, "<|video start|>", "<|video end|>", f"{t}*{h}*{w}", True)
+        return [self.visual.decode_video(c) for c in codes]
+
+    def continue_text(self, prompts: list[str], s: Sampling, use_cache: bool = True) -> list[str]:
+        """Text continuation of each prompt (the prompt itself not repeated)."""
+        return self._text([[self.layout.bos] + self.text.encode(p) for p in prompts], s, use_cache)
+
+    def caption(self, images: list[np.ndarray], s: Sampling, prompt: str = "") -> list[str]:
+        """Image-to-text: the image's tokens (as the tokenize job writes them), then `prompt`, continued."""
+        from data_pipeline.media import decode_image
+        from data_pipeline.tokenize import DocumentEncoder
+
+        encoder = DocumentEncoder(self.text, self.visual, self.layout, self.image_size, 0)
+        rows = []
+        for rgb in images:
+            if rgb.shape[:2] != (self.image_size, self.image_size):
+                rgb = decode_image(encode_png(rgb), self.image_size)
+            codes = self.visual.encode_image(rgb)
+            rows.append([self.layout.bos] + encoder.image_tokens(codes) + (self.text.encode(prompt) if prompt else []))
+        return self._text(rows, s, True)
+
+    def _text(self, rows: list[list[int]], s: Sampling, use_cache: bool) -> list[str]:
+        eos = self.layout.eos
+        out = sample_tokens(self.model, rows, None, self.text_mask, s, self.layout.special("<|pad|>"), stop=eos,
+                            use_cache=use_cache).cpu()
+        texts = []
+        for row in out.tolist():
+            ids = row[:row.index(eos)] if eos in row else row
+            texts.append(self.text.decode(ids))
+        return texts
+
+
+def save_video(frames: np.ndarray, path: Path, fps: int = 8) -> None:
+    """(T, H, W, 3) uint8 -> .gif (Pillow) or .mp4 (PyAV), by the file's suffix."""
+    if path.suffix == ".mp4":
+        path.write_bytes(encode_mp4(frames, fps))
+        return
+    from PIL import Image
+
+    first, *rest = [Image.fromarray(f) for f in frames]
+    buf = io.BytesIO()
+    first.save(buf, format="GIF", save_all=True, append_images=rest, duration=int(1000 / fps), loop=0)
+    path.write_bytes(buf.getvalue())

@@ -1,0 +1,68 @@
+"""Samples and ShapesEval during training, from the checkpoints the run saves.
+
+Drawing from the live model would need generation code for every parallel layout (TP shards,
+pipeline stages, ZeRO-3 partitions); a saved checkpoint of any layout is already readable as one
+model (pretrain/nll.load_model). So global rank 0 starts `loom eval shapes` on each checkpoint in a
+child process and training goes on. At most one child runs at a time, and the loop waits for it
+before the next save, so `checkpoint.keep_last` never deletes a checkpoint a child is reading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .config import TrainConfig
+
+
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                      "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+
+
+class BackgroundSampler:
+    def __init__(self, cfg: TrainConfig, active: bool, log):
+        self.cfg, self.active, self.log = cfg, active and cfg.samples.interval > 0, log
+        self.run_dir = Path(cfg.out_dir)
+        self.process: subprocess.Popen | None = None
+        self.step = 0
+
+    def due(self, step: int, last: bool) -> bool:
+        return self.active and (last or step % self.cfg.samples.interval == 0)
+
+    def start(self, checkpoint: Path, step: int) -> None:
+        """Sample from `checkpoint` (saved at `step`) in a child process; logs go to OUT/step_N/log.txt."""
+        self.wait()
+        s = self.cfg.samples
+        out = self.run_dir / "shapes_eval" / f"step_{step:06d}"
+        out.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "launch.cli", "eval", "shapes", str(checkpoint), "--n",
+                   str(s.shapes_eval_per_category), "--cfg-scale", str(s.cfg_scale), "--out", str(out), "--step",
+                   str(step), "--seed", "0"]
+        if self.cfg.logging.tensorboard:
+            command += ["--tensorboard", str(self.run_dir / "tensorboard")]
+        if s.device != "auto":
+            command += ["--device", s.device]
+        if s.prompts:
+            command += ["--prompt", *s.prompts]
+        # the child is a process of its own, not a member of the training job: no torchrun variables
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_") and k not in TORCHRUN_VARIABLES}
+        with open(out / "log.txt", "w") as log_file:
+            self.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                            cwd=Path(__file__).resolve().parents[1])
+        self.step = step
+
+    def wait(self) -> dict | None:
+        """Wait for the running child; returns its accuracies (None if none ran or it failed)."""
+        if self.process is None:
+            return None
+        code, self.process = self.process.wait(), None
+        out = self.run_dir / "shapes_eval" / f"step_{self.step:06d}"
+        if code:
+            self.log(f"samples at step {self.step} failed (exit code {code}); see {out / 'log.txt'}")
+            return None
+        accuracy = json.loads((out / "shapes_eval.json").read_text())["accuracy"]
+        self.log(f"shapes eval at step {self.step} | " + " ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
+        return accuracy
