@@ -158,8 +158,8 @@ class SamplesConfig:
     interval: int = doc("Every this many steps (a multiple of checkpoint.interval) and at the end, a background "
                         "process on global rank 0's machine draws `prompts` and runs ShapesEval on the checkpoint "
                         "just saved (any layout), logging images and accuracies to TensorBoard (samples/*, "
-                        "shapes_eval/*) and writing out_dir/shapes_eval/step_N/. Training does not wait for it. "
-                        "0: off.", 0)
+                        "shapes_eval/*) and writing out_dir/shapes_eval/step_N/. Training does not wait for it; "
+                        "a round due while the previous one still runs is skipped. 0: off.", 0)
     prompts: list[str] = doc("Fixed text-to-image prompts drawn every time.", factory=default_sample_prompts)
     shapes_eval_per_category: int = doc("ShapesEval prompts per category (shapes-world models; 0: none).", 8)
     cfg_scale: float = doc("Classifier-free guidance scale of the samples.", 3.0)
@@ -375,6 +375,9 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     if interval < 0 or (interval and (not every or interval % every)):
         raise ConfigError(f"samples.interval ({interval}) must be 0 or a multiple of checkpoint.interval ({every}): "
                           f"samples are drawn from saved checkpoints")
+    if interval and cfg.checkpoint.keep_last < 2:
+        raise ConfigError("samples.interval > 0 needs checkpoint.keep_last >= 2, so that the next save does not "
+                          "delete the checkpoint being sampled")
     if cfg.eval.sources and cfg.eval.sequences < 1:
         raise ConfigError(f"eval.sequences must be >= 1 when eval.sources is set, got {cfg.eval.sequences}")
     if world_size is not None:

@@ -110,7 +110,7 @@ def sample_tokens(model: Transformer, prompts: list[list[int]], template: list[i
     cfg = model.cfg
     cache = KVCache(cfg.n_layers, len(rows), tokens.shape[1] + steps, cfg.n_kv_heads, cfg.head_dim,
                     next(model.parameters()).dtype, device) if use_cache else None
-    logits = model(tokens, positions, doc_ids, cache)[-1]                  # (rows, v) at the last position
+    logits = model(tokens, positions, doc_ids, cache)[-1]                  # (rows, v): the next token's
     free_mask = free_mask.to(device)
     out, done = [], torch.zeros(n, dtype=torch.bool, device=device)
     for i in range(steps):
@@ -147,7 +147,6 @@ class Generator:
         self.model, self.text, self.layout, self.visual = model, text, layout, visual
         self.image_size = image_size
         self.run_config, self.checkpoint = None, {}  # the training config and checkpoint record, when loaded from one
-        self.device = next(model.parameters()).device
         v = model.cfg.padded_vocab_size
         ids = torch.arange(v)
         self.visual_mask = (ids >= layout.visual_offset) & (ids < layout.size)

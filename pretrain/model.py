@@ -274,7 +274,8 @@ class Transformer(nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor:
         """tokens, positions, doc_ids (b, s) -> logits of the local vocabulary shard (s, b, v).
 
-        With a cache, the tokens continue the cached ones and attend to them too."""
+        With a cache, the tokens continue the cached ones and attend to them too, and only the last
+        position's logits are computed (1, b, v): a long prompt's would not fit with a large vocabulary."""
         x = self.embed(tokens)
         if cache is None:
             cos, sin, mask = attention_inputs(positions, doc_ids, self.cfg)
@@ -283,7 +284,7 @@ class Transformer(nn.Module):
             mask = cache.extend(doc_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, None if cache is None else (cache, i))
-        return self.head(x)
+        return self.head(x if cache is None else x[-1:])
 
 
 def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:

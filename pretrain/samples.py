@@ -3,8 +3,10 @@
 Drawing from the live model would need generation code for every parallel layout (TP shards,
 pipeline stages, ZeRO-3 partitions); a saved checkpoint of any layout is already readable as one
 model (pretrain/nll.load_model). So global rank 0 starts `loom eval shapes` on each checkpoint in a
-child process and training goes on. At most one child runs at a time, and the loop waits for it
-before the next save, so `checkpoint.keep_last` never deletes a checkpoint a child is reading.
+child process and training goes on without waiting: rank 0 blocking would stall the other ranks in
+their next collective. At most one child runs; a round that comes while it still runs is skipped
+(and logged). `checkpoint.keep_last >= 2` (validated) keeps the checkpoint a child reads until the
+save after next, by which time the child has read its weights.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class BackgroundSampler:
 
     def start(self, checkpoint: Path, step: int) -> None:
         """Sample from `checkpoint` (saved at `step`) in a child process; logs go to OUT/step_N/log.txt."""
+        if self.process is not None and self.process.poll() is None:
+            self.log(f"samples: still drawing from step {self.step}; none for step {step}")
+            return
         self.wait()
         s = self.cfg.samples
         out = self.run_dir / "shapes_eval" / f"step_{step:06d}"
@@ -55,7 +60,7 @@ class BackgroundSampler:
         self.step = step
 
     def wait(self) -> dict | None:
-        """Wait for the running child; returns its accuracies (None if none ran or it failed)."""
+        """Wait for the last child (if any) and log its accuracies; returns them (None if none ran or it failed)."""
         if self.process is None:
             return None
         code, self.process = self.process.wait(), None

@@ -99,7 +99,6 @@ def train(cfg: TrainConfig) -> dict:
         if last or (cfg.eval.interval and state.step % cfg.eval.interval == 0):
             run_eval()
         if last or (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0):
-            sampler.wait()  # a sampling child may still read a checkpoint this save would delete
             tag = checkpoint.save(engine, run_dir, state, cfg, cfg.checkpoint.keep_last, loader)
             if sampler.due(state.step, last):
                 sampler.start(checkpoint.checkpoint_dir(run_dir) / tag, state.step)

@@ -41,6 +41,7 @@ def test_presets():
     (["nonsense"], "is not of the form key=value"),
     (["samples.interval=150", "checkpoint.interval=100"], "samples.interval (150) must be 0 or a multiple of "
                                                           "checkpoint.interval (100)"),
+    (["samples.interval=100", "checkpoint.keep_last=1"], "needs checkpoint.keep_last >= 2"),
 ])
 def test_errors_name_the_field_and_what_to_change(overrides, message):
     with pytest.raises(ConfigError) as e:
