@@ -22,6 +22,7 @@ def add_sampling_args(p: argparse.ArgumentParser, cfg_scale: float, temperature:
     p.add_argument("--visual-tokenizer", default=None, help="Emu3VQVAE directory (default: the one vocab.json "
                    "records)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--bf16", action="store_true", help="the transformer in bf16 (sampling math stays fp32)")
 
 
 def sampling_of(args):
@@ -38,7 +39,8 @@ def open_generator(args):
     from pretrain.generate import Generator
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return Generator.from_checkpoint(args.checkpoint, args.data, args.visual_tokenizer, device)
+    return Generator.from_checkpoint(args.checkpoint, args.data, args.visual_tokenizer, device,
+                                     torch.bfloat16 if args.bf16 else torch.float32)
 
 
 def parse_grid(text: str | None) -> tuple[int, int] | None:

@@ -154,9 +154,10 @@ class Generator:
 
     @classmethod
     def from_checkpoint(cls, ckpt: str | Path, data: str | Path | None = None,
-                        visual_tokenizer: str | Path | None = None, device: str = "cpu") -> "Generator":
-        """The checkpoint's model and the tokenizers of its data (vocab.json of `data` or of the run's
-        first data source), the visual tokenizer checked against the vocabulary fingerprint."""
+                        visual_tokenizer: str | Path | None = None, device: str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> "Generator":
+        """The checkpoint's model (in `dtype`) and the tokenizers of its data (vocab.json of `data` or of
+        the run's first data source), the visual tokenizer (fp32) checked against the vocabulary fingerprint."""
         from checkpoints_utils.convert import data_vocabulary, locate_visual_tokenizer
         from data_pipeline.visual_tokenizer import VisualTokenizer
         from .nll import load_model
@@ -165,7 +166,7 @@ class Generator:
         data_dir, vocab = data_vocabulary(cfg, data)
         layout = VocabLayout.from_dict(vocab["layout"])
         vq_dir = locate_visual_tokenizer(vocab, data_dir, layout, shared, visual_tokenizer)
-        gen = cls(model.to(device), TextTokenizer(data_dir / "text_tokenizer.model"), layout,
+        gen = cls(model.to(device, dtype), TextTokenizer(data_dir / "text_tokenizer.model"), layout,
                   VisualTokenizer.from_pretrained(vq_dir).to(device), vocab.get("image_size", 32))
         gen.run_config, gen.checkpoint = cfg, shared
         return gen

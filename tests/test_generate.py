@@ -142,7 +142,7 @@ def test_generate_command_and_background_shapes_eval_on_a_tp2_pp2_checkpoint(sou
 
     run = sources / "tp2-pp2-zero1"
     image = run_loom("generate", run, "--mode", "image", "--prompt", "A red circle on the left.", "A blue square.",
-                     "--n", "2", "--grid", "2x3", "--out", tmp_path / "img")
+                     "--n", "2", "--grid", "2x3", "--bf16", "--out", tmp_path / "img")
     assert image.returncode == 0, image.stderr[-3000:]
     files = sorted((tmp_path / "img").glob("*.png"))
     assert len(files) == 4 and Image.open(files[0]).size == (24, 16)
