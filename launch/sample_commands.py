@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 
 def add_sampling_args(p: argparse.ArgumentParser, cfg_scale: float, temperature: float) -> None:
     p.add_argument("checkpoint", help="a checkpoint folder or a run directory (its latest checkpoint), any layout")
@@ -90,10 +92,8 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def image_row(images) -> "np.ndarray":  # noqa: F821
+def image_row(images: list[np.ndarray]) -> np.ndarray:
     """Images side by side with a 2-pixel white gap, (H, W*, 3) uint8."""
-    import numpy as np
-
     gap = np.full((images[0].shape[0], 2, 3), 255, dtype=np.uint8)
     return np.concatenate([part for im in images for part in (im, gap)][:-1], axis=1)
 
