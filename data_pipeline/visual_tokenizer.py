@@ -189,9 +189,6 @@ def train_visual_tokenizer(raw_dirs, out_dir: str | Path, cfg: VQTrainConfig, lo
     tokenizer = VisualTokenizer.from_config(cfg)
     tokenizer.train()
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
-    warmup = max(cfg.steps // 20, 1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min((i + 1) / warmup, 0.55 + 0.45 * math.cos(
-        math.pi * min(i / cfg.steps, 1.0))))
     rng = random.Random(cfg.seed)
     usage = torch.zeros(cfg.codebook_size, dtype=torch.long)
     start, history = time.time(), []
@@ -201,7 +198,6 @@ def train_visual_tokenizer(raw_dirs, out_dir: str | Path, cfg: VQTrainConfig, lo
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        schedule.step()
         usage += torch.bincount(stats["codes"].flatten(), minlength=cfg.codebook_size)
         if cfg.restart_dead_codes_every and step % cfg.restart_dead_codes_every == 0 and step < cfg.steps:
             dead = (usage == 0).nonzero().flatten()
