@@ -35,25 +35,28 @@ class DocumentEncoder:
         self.text, self.visual, self.layout = text, visual, layout
         self.image_size, self.video_frames = image_size, video_frames
 
-    def grid_tokens(self, codes: np.ndarray) -> list[int]:
-        """codes (h, w) -> rows of visual ids, each row followed by <|eol|>, then <|eof|>."""
+    def frame_tokens(self, ids: np.ndarray) -> list[int]:
+        """Vocabulary ids (h, w) -> each row followed by <|eol|>, then <|eof|>."""
         L = self.layout
-        ids = codes.astype(np.int64) + L.visual_offset
         eol = np.full((ids.shape[0], 1), L.special("<|eol|>"))
-        return np.concatenate([ids, eol], axis=1).reshape(-1).tolist() + [L.special("<|eof|>")]
+        return np.concatenate([ids.astype(np.int64), eol], axis=1).reshape(-1).tolist() + [L.special("<|eof|>")]
+
+    def grid_tokens(self, codes: np.ndarray) -> list[int]:
+        """codes (h, w) -> the frame of their visual ids."""
+        return self.frame_tokens(codes.astype(np.int64) + self.layout.visual_offset)
+
+    def visual_prefix(self, start: str, shape: tuple[int, ...]) -> list[int]:
+        """`start` (<|image start|> or <|video start|>), the grid shape as text ("4*4", "2*4*4"), <|image token|>."""
+        L = self.layout
+        return [L.special(start)] + self.text.encode("*".join(map(str, shape))) + [L.special("<|image token|>")]
 
     def image_tokens(self, codes: np.ndarray) -> list[int]:
-        L = self.layout
-        h, w = codes.shape
-        return ([L.special("<|image start|>")] + self.text.encode(f"{h}*{w}") +
-                [L.special("<|image token|>")] + self.grid_tokens(codes) + [L.special("<|image end|>")])
+        return (self.visual_prefix("<|image start|>", codes.shape) + self.grid_tokens(codes) +
+                [self.layout.special("<|image end|>")])
 
     def video_tokens(self, codes: np.ndarray) -> list[int]:
-        L = self.layout
-        t, h, w = codes.shape
         frames = [tok for frame in codes for tok in self.grid_tokens(frame)]
-        return ([L.special("<|video start|>")] + self.text.encode(f"{t}*{h}*{w}") +
-                [L.special("<|image token|>")] + frames + [L.special("<|video end|>")])
+        return self.visual_prefix("<|video start|>", codes.shape) + frames + [self.layout.special("<|video end|>")]
 
     def encode(self, segments) -> tuple[np.ndarray, list[list]]:
         tokens, spans = [self.layout.bos], []

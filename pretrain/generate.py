@@ -144,8 +144,11 @@ class Generator:
 
     def __init__(self, model: Transformer, text: TextTokenizer, layout: VocabLayout, visual=None,
                  image_size: int = 32):
+        from data_pipeline.tokenize import DocumentEncoder
+
         self.model, self.text, self.layout, self.visual = model, text, layout, visual
         self.image_size = image_size
+        self.encoder = DocumentEncoder(text, visual, layout, image_size, 0)  # the token layout of images and videos
         self.run_config, self.checkpoint = None, {}  # the training config and checkpoint record, when loaded from one
         v = model.cfg.padded_vocab_size
         ids = torch.arange(v)
@@ -177,18 +180,15 @@ class Generator:
         return side, side
 
     def grid_template(self, frames: int, h: int, w: int, end: str) -> list[int]:
-        """Rows of w free slots + eol, eof after each frame, then `end`."""
-        L = self.layout
-        frame = ([VISUAL] * w + [L.special("<|eol|>")]) * h + [L.special("<|eof|>")]
-        return frame * frames + [L.special(end)]
+        """`frames` frames of h rows of w free slots (each row then eol, each frame then eof), then `end`."""
+        return self.encoder.frame_tokens(np.full((h, w), VISUAL)) * frames + [self.layout.special(end)]
 
-    def visual_prompt(self, text: str, start: str, shape: str) -> list[int]:
-        L = self.layout
-        return ([L.bos] + (self.text.encode(text) if text else []) + [L.special(start)] +
-                self.text.encode(shape) + [L.special("<|image token|>")])
+    def visual_prompt(self, text: str, start: str, shape: tuple[int, ...]) -> list[int]:
+        """<|bos|>, the text, then the opening of an image or video of grid `shape`."""
+        return [self.layout.bos] + (self.text.encode(text) if text else []) + self.encoder.visual_prefix(start, shape)
 
     def _codes(self, prompts: list[str], s: Sampling, frames: int, h: int, w: int, start: str, end: str,
-               shape: str, use_cache: bool) -> np.ndarray:
+               shape: tuple[int, ...], use_cache: bool) -> np.ndarray:
         """Sampled code grids (n, frames, h, w)."""
         cond = [self.visual_prompt(p, start, shape) for p in prompts]
         uncond = [self.visual_prompt(s.negative_prompt, start, shape)] * len(prompts) if s.cfg_scale != 1.0 else None
@@ -202,7 +202,7 @@ class Generator:
                     use_cache: bool = True) -> np.ndarray:
         """Text-to-image codes (n, h, w)."""
         h, w = grid or self.default_grid
-        return self._codes(prompts, s, 1, h, w, "<|image start|>", "<|image end|>", f"{h}*{w}", use_cache)[:, 0]
+        return self._codes(prompts, s, 1, h, w, "<|image start|>", "<|image end|>", (h, w), use_cache)[:, 0]
 
     def images(self, prompts: list[str], s: Sampling, grid: tuple[int, int] | None = None) -> list[np.ndarray]:
         """Text-to-image: (8h, 8w, 3) uint8 pixels per prompt."""
@@ -214,7 +214,7 @@ class Generator:
         if frames % self.visual.temporal:
             raise ValueError(f"frames must be a multiple of {self.visual.temporal}, got {frames}")
         t, (h, w) = frames // self.visual.temporal, grid or self.default_grid
-        codes = self._codes(prompts, s, t, h, w, "<|video start|>", "<|video end|>", f"{t}*{h}*{w}", True)
+        codes = self._codes(prompts, s, t, h, w, "<|video start|>", "<|video end|>", (t, h, w), True)
         return [self.visual.decode_video(c) for c in codes]
 
     def continue_text(self, prompts: list[str], s: Sampling, use_cache: bool = True) -> list[str]:
@@ -224,15 +224,13 @@ class Generator:
     def caption(self, images: list[np.ndarray], s: Sampling, prompt: str = "") -> list[str]:
         """Image-to-text: the image's tokens (as the tokenize job writes them), then `prompt`, continued."""
         from data_pipeline.media import decode_image
-        from data_pipeline.tokenize import DocumentEncoder
 
-        encoder = DocumentEncoder(self.text, self.visual, self.layout, self.image_size, 0)
-        rows = []
+        rows, tail = [], self.text.encode(prompt) if prompt else []
         for rgb in images:
             if rgb.shape[:2] != (self.image_size, self.image_size):
                 rgb = decode_image(encode_png(rgb), self.image_size)
             codes = self.visual.encode_image(rgb)
-            rows.append([self.layout.bos] + encoder.image_tokens(codes) + (self.text.encode(prompt) if prompt else []))
+            rows.append([self.layout.bos] + self.encoder.image_tokens(codes) + tail)
         return self._text(rows, s, True)
 
     def _text(self, rows: list[list[int]], s: Sampling, use_cache: bool) -> list[str]:

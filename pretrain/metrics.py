@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from data_pipeline.vocab import LOSS_KIND_NAMES
@@ -16,6 +17,11 @@ def losses_by_kind(sums) -> dict:
         if count[kind] > 0:
             out[name] = loss_sum[kind] / count[kind]
     return out
+
+
+def bits_per_token(losses: dict) -> dict:
+    """Mean image and video losses (nats) in bits: the code length of a visual token under the model."""
+    return {k: losses[k] / math.log(2) for k in ("image", "video") if k in losses}
 
 
 class MetricsLogger:

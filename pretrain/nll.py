@@ -6,7 +6,6 @@ consolidated (checkpoints_utils.consolidate) into the single-process Transformer
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ from checkpoints_utils.consolidate import CheckpointError
 from data_pipeline.loader import Source, TokenLoader, read_manifest_fingerprints
 from data_pipeline.vocab import LOSS_KIND_NAMES
 from .config import ParallelConfig, TrainConfig
-from .metrics import losses_by_kind
+from .metrics import bits_per_token, losses_by_kind
 from .model import Transformer, lm_loss
 from .step import NUM_KINDS
 
@@ -75,5 +74,5 @@ def evaluate_nll(ckpt: str | Path, data: list[str | Path], max_tokens: int = 100
     losses = losses_by_kind(sums)
     return {"checkpoint": shared["checkpoint"], "step": shared["step"], "data": [str(d) for d in data],
             "positions": positions, "loss": losses,
-            "bits_per_token": {k: losses[k] / math.log(2) for k in ("image", "video") if k in losses},
+            "bits_per_token": bits_per_token(losses),
             "loss_tokens": {"total": int(sums[1, 1:].sum()), **tokens}}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from data_pipeline.vocab import LOSS_KIND_NAMES
 from .config import ConfigError, TrainConfig, dump_yaml, validate
 from .evaluate import evaluate
 from .flops import flops_per_token, measure_peak_tflops, peak_memory_gib
-from .metrics import MetricsLogger, losses_by_kind, read_metrics, summarize
+from .metrics import MetricsLogger, bits_per_token, losses_by_kind, read_metrics, summarize
 from .parallel import destroy_distributed, init_distributed, parallelize
 from .samples import BackgroundSampler
 from .step import PipelineLoss, run_step
@@ -69,8 +68,7 @@ def train(cfg: TrainConfig) -> dict:
     def run_eval():
         if eval_sources:
             losses = evaluate(engine, cfg, eval_sources, vocab, layout, pipeline_loss)
-            bits = {k: losses[k] / math.log(2) for k in ("image", "video") if k in losses}
-            metrics.log(state.step, {"eval_loss": losses, "eval_bits_per_token": bits})
+            metrics.log(state.step, {"eval_loss": losses, "eval_bits_per_token": bits_per_token(losses)})
             log(layout, f"eval at step {state.step} | " + " ".join(f"{k} {v:.3f}" for k, v in losses.items()))
 
     if state.step == 0:

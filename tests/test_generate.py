@@ -91,8 +91,8 @@ def test_guidance_scale_one_equals_no_guidance(generator):
     assert torch.isfinite(guide(cond, uncond, 3.0)[:, :-3]).all()
 
     L = generator.layout
-    prompts = [generator.visual_prompt(p, "<|image start|>", "4*4") for p in PROMPTS]
-    negative = [generator.visual_prompt("", "<|image start|>", "4*4")] * 3
+    prompts = [generator.visual_prompt(p, "<|image start|>", (4, 4)) for p in PROMPTS]
+    negative = [generator.visual_prompt("", "<|image start|>", (4, 4))] * 3
     template = generator.grid_template(1, 4, 4, "<|image end|>")
     pad = L.special("<|pad|>")
     plain = sample_tokens(generator.model, prompts, template, generator.visual_mask, Sampling(seed=5), pad)
