@@ -1,8 +1,13 @@
-"""Image and video bytes <-> uint8 RGB arrays (Pillow for images, PyAV for video)."""
+"""Image and video bytes <-> uint8 RGB arrays (Pillow for images, PyAV for video).
+
+`Geometry` says what size a decoded image or video frame gets and which inputs are refused.
+Every refusal is a MediaError whose `reason` callers count (README "Bad input").
+"""
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass, field
 
 import av
 import numpy as np
@@ -10,7 +15,71 @@ from PIL import Image
 
 
 class MediaError(ValueError):
-    """Media bytes that cannot be decoded into what was asked for."""
+    """Media bytes that cannot be decoded into what was asked for; `reason` is the counter's key."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How decoded pixels are sized, and the limits that make an input a skip."""
+    mode: str = field(default="crop", metadata={"doc": (
+        "'crop': resize the shorter side to `size`, then center-crop size x size. 'budget': keep the aspect "
+        "ratio, shrink until h*w <= max_pixels, round each side down to a multiple of `multiple` (the token "
+        "grid h x w then varies from image to image, as Emu3's does).")})
+    size: int = field(default=32, metadata={"doc": "Side of the square output in 'crop' mode."})
+    max_pixels: int = field(default=64 * 64, metadata={"doc": "Pixel budget of the output in 'budget' mode."})
+    multiple: int = field(default=8, metadata={"doc": "Output sides are multiples of this (the VQ's downsampling)."})
+    min_side: int = field(default=8, metadata={"doc": "Sources whose shorter side is below this are skipped."})
+    max_source_pixels: int = field(default=50_000_000, metadata={
+        "doc": "Sources over this many pixels are skipped before their pixels are decoded."})
+    max_aspect: float = field(default=8.0, metadata={
+        "doc": "Sources whose long side is over this many times the short side are skipped."})
+
+    def __post_init__(self):
+        if self.mode not in ("crop", "budget"):
+            raise ValueError(f"geometry mode '{self.mode}' is unknown; use 'crop' or 'budget'")
+        if self.mode == "crop" and self.size % self.multiple:
+            raise ValueError(f"geometry size {self.size} must be a multiple of {self.multiple} (the VQ's downsampling)")
+        if self.mode == "budget" and self.max_pixels < self.multiple ** 2:
+            raise ValueError(f"geometry max_pixels {self.max_pixels} is below one token ({self.multiple}^2 pixels)")
+
+    def check(self, width: int, height: int, what: str) -> None:
+        """Raise MediaError if a `width` x `height` source is refused."""
+        if width * height > self.max_source_pixels:
+            raise MediaError(f"{what}_too_large", f"{what} is {width}x{height}, over {self.max_source_pixels} pixels")
+        if min(width, height) < self.min_side:
+            raise MediaError(f"{what}_too_small", f"{what} is {width}x{height}, under {self.min_side} pixels a side")
+        if max(width, height) > self.max_aspect * min(width, height):
+            raise MediaError(f"{what}_aspect_ratio", f"{what} is {width}x{height}, an aspect ratio over "
+                                                     f"{self.max_aspect:g}")
+
+    def target(self, width: int, height: int) -> tuple[int, int]:
+        """Output (width, height) for a source of that size."""
+        if self.mode == "crop":
+            return self.size, self.size
+        scale = min(1.0, (self.max_pixels / (width * height)) ** 0.5)
+        w = max(self.multiple, int(width * scale) // self.multiple * self.multiple)
+        h = max(self.multiple, int(height * scale) // self.multiple * self.multiple)
+        return w, h
+
+    def apply(self, img: Image.Image) -> Image.Image:
+        w, h = self.target(*img.size)
+        if img.size == (w, h):
+            return img
+        if self.mode == "budget":
+            return img.resize((w, h), Image.BICUBIC)
+        scale = w / min(img.size)
+        resized = img.resize((max(w, round(img.size[0] * scale)), max(h, round(img.size[1] * scale))), Image.BICUBIC)
+        left, top = (resized.size[0] - w) // 2, (resized.size[1] - h) // 2
+        return resized.crop((left, top, left + w, top + h))
+
+
+def as_geometry(geometry: Geometry | int | None) -> Geometry | None:
+    """An int is the crop size (a square image of that size)."""
+    return Geometry(size=geometry) if isinstance(geometry, int) else geometry
 
 
 def encode_png(rgb: np.ndarray) -> bytes:
@@ -19,24 +88,32 @@ def encode_png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_image(data: bytes, size: int | None = None) -> np.ndarray:
-    """Bytes of any Pillow format -> (H, W, 3) uint8; grayscale, palette, CMYK and alpha become RGB.
-
-    With `size`, the image is resized to size x size (the shapes world is square).
-    """
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except Exception as e:
-        raise MediaError(f"cannot decode image ({e})") from None
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Grayscale, palette, CMYK become RGB; transparency is composed over white."""
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         background = Image.new("RGB", img.size, (255, 255, 255))
         img = img.convert("RGBA")
         background.paste(img, mask=img.split()[-1])
-        img = background
-    img = img.convert("RGB")
-    if size is not None and img.size != (size, size):
-        img = img.resize((size, size), Image.BICUBIC)
+        return background
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, geometry: Geometry | int | None = None) -> np.ndarray:
+    """Bytes of any Pillow format -> (H, W, 3) uint8, sized by `geometry` (None: as stored)."""
+    geometry = as_geometry(geometry)
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Exception as e:
+        raise MediaError("bad_image", f"cannot decode image ({e})") from None
+    if geometry is not None:
+        geometry.check(*img.size, "image")  # from the header, before the pixels are decoded
+    try:
+        img.load()
+        img = to_rgb(img)
+    except Exception as e:
+        raise MediaError("bad_image", f"cannot decode image ({e})") from None
+    if geometry is not None:
+        img = geometry.apply(img)
     return np.asarray(img, dtype=np.uint8)
 
 
@@ -57,17 +134,37 @@ def encode_mp4(frames: np.ndarray, fps: int = 8) -> bytes:
     return buf.getvalue()
 
 
-def decode_video(data: bytes, num_frames: int, size: int | None = None) -> np.ndarray:
-    """Video bytes -> (num_frames, H, W, 3) uint8, sampled uniformly over the whole clip."""
+@dataclass
+class Video:
+    frames: np.ndarray   # (T, H, W, 3) uint8
+    seconds: float       # duration of the source clip
+
+
+def read_video(data: bytes, num_frames: int, geometry: Geometry | int | None = None) -> Video:
+    """Video bytes of any length and fps -> `num_frames` frames sampled uniformly over the clip."""
+    geometry = as_geometry(geometry)
     try:
         with av.open(io.BytesIO(data)) as container:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+            if not container.streams.video:
+                raise MediaError("video_no_frames", "video has no video stream")
+            stream = container.streams.video[0]
+            frames = [f.to_image() for f in container.decode(video=0)]
+            rate = float(stream.average_rate or stream.base_rate or 0) or None
+    except MediaError:
+        raise
     except Exception as e:
-        raise MediaError(f"cannot decode video ({e})") from None
+        raise MediaError("bad_video", f"cannot decode video ({e})") from None
     if not frames:
-        raise MediaError("video has no frames")
+        raise MediaError("video_no_frames", "video has no frames")
+    seconds = len(frames) / rate if rate else float(len(frames))
     index = np.linspace(0, len(frames) - 1, num_frames).round().astype(int)
     picked = [frames[i] for i in index]
-    if size is not None:
-        picked = [np.asarray(Image.fromarray(f).resize((size, size), Image.BICUBIC)) for f in picked]
-    return np.stack(picked).astype(np.uint8)
+    if geometry is not None:
+        geometry.check(*picked[0].size, "video")
+        picked = [geometry.apply(f) for f in picked]
+    return Video(np.stack([np.asarray(f.convert("RGB"), dtype=np.uint8) for f in picked]), seconds)
+
+
+def decode_video(data: bytes, num_frames: int, geometry: Geometry | int | None = None) -> np.ndarray:
+    """Video bytes -> (num_frames, H, W, 3) uint8, sampled uniformly over the whole clip."""
+    return read_video(data, num_frames, geometry).frames

@@ -46,6 +46,12 @@ class SkipCounter:
     def total(self) -> int:
         return sum(self.by_reason.values())
 
+    def merge(self, other: dict) -> None:
+        """Add the counts of another counter's `as_dict()` (e.g. from another rank)."""
+        self.by_reason.update(other["by_reason"])
+        for reason, message in other["examples"].items():
+            self.examples.setdefault(reason, message)
+
     def as_dict(self) -> dict:
         return {"total": self.total, "by_reason": dict(self.by_reason), "examples": self.examples}
 
@@ -83,13 +89,17 @@ def parse_document(sample: dict) -> list[Segment]:
 
 def iter_documents(directories: Iterable[str | Path], skipped: SkipCounter) -> Iterator[tuple[str, list[Segment]]]:
     """(`shard:key`, segments) for every readable document of every shard in `directories`."""
-    for directory in directories:
-        for shard in list_shards(directory):
-            try:
-                for sample in iter_samples(shard):
-                    try:
-                        yield f"{shard.name}:{sample['__key__']}", parse_document(sample)
-                    except SampleError as e:
-                        skipped.add(e.reason, str(e))
-            except ShardError as e:
-                skipped.add("unreadable_shard", str(e))
+    return iter_shard_documents([shard for directory in directories for shard in list_shards(directory)], skipped)
+
+
+def iter_shard_documents(shards: Iterable[Path], skipped: SkipCounter) -> Iterator[tuple[str, list[Segment]]]:
+    """(`shard:key`, segments) for every readable document of the given shards."""
+    for shard in shards:
+        try:
+            for sample in iter_samples(shard):
+                try:
+                    yield f"{shard.name}:{sample['__key__']}", parse_document(sample)
+                except SampleError as e:
+                    skipped.add(e.reason, str(e))
+        except ShardError as e:
+            skipped.add("unreadable_shard", str(e))

@@ -2,19 +2,20 @@
 
 DESIGN §3: Emu3VQVAE has no training forward and its `encode()` crops video codes wrongly, so Loom
 calls the submodules directly: encoder -> quant_conv -> nearest code (straight-through) ->
-post_quant_conv -> decoder. Images are repeated `temporal_downsample_factor` (4) times along time,
-as Emu3 does, so one image gives one latent frame; a clip of T frames gives T/4 latent frames.
-The checkpoint is an HF `Emu3VQVAE` directory (config.json + safetensors), so released Emu3
-tokenizer weights load the same way.
+post_quant_conv -> decoder. A clip of T frames (T a multiple of 4) gives T/4 latent frames. An
+image is a clip of one still frame, which Emu3 repeats 4 times along time; the encoder's 2-D part
+works frame by frame, so Loom runs it once and repeats its output (the same numbers, 4x less work),
+and decodes only the first of the 4 output frames (the one an image is read from).
+
+The weights are an HF `Emu3VQVAE` directory (config.json + safetensors): released Emu3 tokenizers
+load, and what Loom trains loads in transformers. With l2-normalized codes the stored codebook has
+unit rows, so transformers' Euclidean nearest-code lookup picks the same codes as Loom's cosine one.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,34 +23,6 @@ import torch
 import torch.nn.functional as F
 from transformers import Emu3VQVAEConfig
 from transformers.models.emu3.modeling_emu3 import Emu3VQVAE
-
-from .media import MediaError, decode_image, decode_video
-from .raw import SkipCounter, iter_documents
-
-
-@dataclass
-class VQTrainConfig:
-    codebook_size: int = 256
-    embed_dim: int = 16
-    base_channels: int = 32
-    channel_multiplier: tuple[int, ...] = (1, 1, 2, 2)
-    num_res_blocks: int = 1
-    image_size: int = 32
-    video_frames: int = 8
-    steps: int = 1000
-    batch_size: int = 16
-    lr: float = 2e-3
-    commitment: float = 0.25
-    restart_dead_codes_every: int = 25
-    seed: int = 0
-    max_images: int = 4000
-
-    def hf_config(self) -> Emu3VQVAEConfig:
-        return Emu3VQVAEConfig(
-            codebook_size=self.codebook_size, embed_dim=self.embed_dim, latent_channels=self.embed_dim,
-            base_channels=self.base_channels, channel_multiplier=list(self.channel_multiplier),
-            num_res_blocks=self.num_res_blocks, attn_resolutions=[],
-            hidden_size=self.base_channels * self.channel_multiplier[-1])
 
 
 def to_pixels(frames: np.ndarray) -> torch.Tensor:
@@ -59,29 +32,51 @@ def to_pixels(frames: np.ndarray) -> torch.Tensor:
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     """(T, 3, H, W) in [-1, 1] -> (T, H, W, 3) uint8."""
-    return pixels.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return pixels.float().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def psnr(mse: float) -> float:
+    """PSNR in dB of pixels in [-1, 1] (peak-to-peak range 2)."""
+    return 10 * math.log10(4.0 / max(mse, 1e-10))
+
+
+def load_emu3_vq(directory: Path) -> Emu3VQVAE:
+    """An Emu3VQVAE directory, or the `vqmodel` inside an Emu3ForConditionalGeneration directory."""
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory}: not an Emu3VQVAE or Emu3 directory (no config.json)")
+    config = json.loads((directory / "config.json").read_text())
+    if config.get("model_type") != "emu3":
+        return Emu3VQVAE.from_pretrained(directory)
+    from safetensors import safe_open
+
+    vq = Emu3VQVAE(Emu3VQVAEConfig(**config["vq_config"]))
+    state = {}
+    for file in sorted(directory.glob("*.safetensors")):  # read only the tokenizer's tensors
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                for prefix in ("model.vqmodel.", "vqmodel."):
+                    if key.startswith(prefix):
+                        state[key[len(prefix):]] = f.get_tensor(key)
+    missing, unexpected = vq.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{directory}: the Emu3 model's vqmodel does not match its vq_config "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return vq
 
 
 class VisualTokenizer(torch.nn.Module):
     """Encode pixels to codes and decode codes to pixels; also the VQ training loss."""
 
-    def __init__(self, vq: Emu3VQVAE):
+    def __init__(self, vq: Emu3VQVAE, l2_codes: bool = False):
         super().__init__()
         self.vq = vq
+        self.l2_codes = l2_codes
         self.temporal = vq.config.temporal_downsample_factor
         self.spatial = 2 ** (len(vq.config.channel_multiplier) - 1)
 
     @classmethod
-    def from_config(cls, cfg: VQTrainConfig) -> "VisualTokenizer":
-        torch.manual_seed(cfg.seed)
-        return cls(Emu3VQVAE(cfg.hf_config()))
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "VisualTokenizer":
-        directory = Path(directory)
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(f"{directory}: not an Emu3VQVAE directory (no config.json)")
-        return cls(Emu3VQVAE.from_pretrained(directory)).eval()
+    def from_pretrained(cls, directory: str | Path, l2_codes: bool = False) -> "VisualTokenizer":
+        return cls(load_emu3_vq(Path(directory)), l2_codes).eval()
 
     def save_pretrained(self, directory: str | Path) -> None:
         self.vq.save_pretrained(directory)
@@ -90,15 +85,40 @@ class VisualTokenizer(torch.nn.Module):
     def codebook_size(self) -> int:
         return self.vq.config.codebook_size
 
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.vq.quantize.embedding.weight                            # (K, C)
+
+    # ------------------------------------------------------------------ encoder
     def latents(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3, H, W) -> continuous latents (B, T/4, C, H/8, W/8)."""
-        hidden = self.vq.encoder(pixels)                                   # (B, t, C, h, w)
-        return self.vq.quant_conv(hidden.permute(0, 2, 1, 3, 4)).permute(0, 2, 1, 3, 4)
+        """(B, T, 3, H, W) -> continuous latents (B, T/4, C, H/8, W/8); T == 1 is an image."""
+        enc = self.vq.encoder
+        b, t = pixels.shape[:2]
+        if t != 1 and t % self.temporal:
+            raise ValueError(f"a clip needs 1 (an image) or a multiple of {self.temporal} frames, got {t}")
+        h = enc.conv_in(pixels.flatten(0, 1))                              # (B*T, c, H, W)
+        h = enc.middle_block(enc.down_block(h))                            # (B*T, c', H/8, W/8)
+        h = enc.norm_out(h)
+        h = enc.conv_out(h * torch.sigmoid(h))                             # (B*T, C, h, w)
+        h = h.unflatten(0, (b, t)).transpose(1, 2)                         # (B, C, T, h, w)
+        if t == 1:
+            h = h.expand(-1, -1, self.temporal, -1, -1)                    # the still, 4 times
+        for conv in enc.time_conv:
+            h = conv(h)
+            h = h * torch.sigmoid(h)
+        for layer in enc.time_res_stack:
+            h = layer(h)                                                   # (B, C, T/4, h, w)
+        return self.vq.quant_conv(h).transpose(1, 2)                       # (B, T/4, C, h, w)
+
+    # ------------------------------------------------------------------ codebook
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, t, C, h, w) as compared with the codebook: unit length with l2 codes."""
+        return F.normalize(z, dim=2) if self.l2_codes else z
 
     def nearest_codes(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, t, C, h, w) -> code ids (B, t, h, w)."""
-        flat = z.permute(0, 1, 3, 4, 2).reshape(-1, z.shape[2])            # (N, C)
-        codebook = self.vq.quantize.embedding.weight                       # (K, C)
+        """(B, t, C, h, w) -> code ids (B, t, h, w), by Euclidean distance as transformers does."""
+        flat = z.detach().float().permute(0, 1, 3, 4, 2).reshape(-1, z.shape[2])   # (N, C)
+        codebook = self.codebook.float()
         distances = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.T
         b, t, _, h, w = z.shape
         return distances.argmin(1).view(b, t, h, w)
@@ -107,119 +127,84 @@ class VisualTokenizer(torch.nn.Module):
         """(B, t, h, w) -> (B, t, C, h, w)."""
         return self.vq.quantize.embedding(codes).permute(0, 1, 4, 2, 3)
 
-    def decode_quantized(self, quant: torch.Tensor) -> torch.Tensor:
-        """(B, t, C, h, w) -> pixels (B, 4t, 3, 8h, 8w)."""
-        b, t, _, h, w = quant.shape
-        post = self.vq.post_quant_conv(quant.permute(0, 2, 1, 3, 4)).permute(0, 2, 1, 3, 4)
-        video = self.vq.decoder(post, quant)                               # (B * 4t, 3, 8h, 8w)
-        return video.reshape(b, t * self.temporal, 3, h * self.spatial, w * self.spatial)
+    @torch.no_grad()
+    def project_codebook(self) -> None:
+        """Keep l2 codes on the unit sphere (after every optimizer or EMA update)."""
+        if self.l2_codes:
+            self.codebook.copy_(F.normalize(self.codebook, dim=1))
 
+    # ------------------------------------------------------------------ decoder
+    def decode_quantized(self, quant: torch.Tensor, image: bool = False) -> torch.Tensor:
+        """(B, t, C, h, w) -> pixels (B, 4t, 3, 8h, 8w), or (B, 1, 3, 8h, 8w) for an image."""
+        dec = self.vq.decoder
+        b = quant.shape[0]
+        post = self.vq.post_quant_conv(quant.transpose(1, 2))              # (B, C', t, h, w)
+        both = torch.cat((post, quant.transpose(1, 2)), dim=0)             # (2B, C', t, h, w)
+        for layer in dec.time_res_stack:
+            both = layer(both)
+        for layer in dec.time_conv:
+            both = layer(both)
+            both = both * torch.sigmoid(both)                              # (2B, C', 4t, h, w)
+        if image:
+            both = both[:, :, :1]                                          # frames decode independently
+        frames = both.shape[2]
+        hidden, cond = (x.flatten(0, 1) for x in both.transpose(1, 2).chunk(2))  # (B*F, C', h, w) each
+        x = dec.conv_in(hidden)
+        x = dec.up_block(dec.middle_block(x, cond), cond)
+        x = dec.norm_out(x, cond)
+        x = dec.conv_out(x * torch.sigmoid(x))                             # (B*F, 3, 8h, 8w)
+        return x.unflatten(0, (b, frames))
+
+    # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3, H, W) in [-1, 1] -> codes (B, T/4, H/8, W/8). Eval mode: BatchNorm must not move."""
-        if pixels.shape[1] % self.temporal:
-            raise ValueError(f"a clip needs a multiple of {self.temporal} frames, got {pixels.shape[1]}")
-        return self.nearest_codes(self.latents(pixels))
+        """(B, T, 3, H, W) in [-1, 1] -> codes (B, T/4 or 1, H/8, W/8). Eval mode: BatchNorm must not move."""
+        return self.nearest_codes(self.normalize(self.latents(pixels)))
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, t, h, w) -> pixels (B, 4t, 3, 8h, 8w) in [-1, 1]."""
-        return self.decode_quantized(self.embed_codes(codes)).clamp(-1, 1)
+    def decode(self, codes: torch.Tensor, image: bool = False) -> torch.Tensor:
+        """codes (B, t, h, w) -> pixels (B, 4t, 3, 8h, 8w) (or one frame for an image) in [-1, 1]."""
+        return self.decode_quantized(self.embed_codes(codes), image).clamp(-1, 1)
+
+    def encode_images(self, rgb: np.ndarray) -> np.ndarray:
+        """(B, H, W, 3) uint8 images of one size -> codes (B, H/8, W/8)."""
+        return self.encode(to_pixels(rgb)[:, None])[:, 0].numpy()
 
     def encode_image(self, rgb: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 -> codes (H/8, W/8)."""
-        clip = to_pixels(rgb[None]).repeat(self.temporal, 1, 1, 1)[None]
-        return self.encode(clip)[0, 0].numpy()
+        return self.encode_images(rgb[None])[0]
 
     def encode_video(self, frames: np.ndarray) -> np.ndarray:
         """(T, H, W, 3) uint8, T a multiple of 4 -> codes (T/4, H/8, W/8)."""
+        if len(frames) % self.temporal:
+            raise ValueError(f"a clip needs a multiple of {self.temporal} frames, got {len(frames)}")
         return self.encode(to_pixels(frames)[None])[0].numpy()
 
     def decode_image(self, codes: np.ndarray) -> np.ndarray:
         """codes (h, w) -> (8h, 8w, 3) uint8."""
-        pixels = self.decode(torch.as_tensor(codes, dtype=torch.long)[None, None])
-        return to_uint8(pixels[0, :1])[0]
+        pixels = self.decode(torch.as_tensor(codes, dtype=torch.long)[None, None], image=True)
+        return to_uint8(pixels[0])[0]
 
     def decode_video(self, codes: np.ndarray) -> np.ndarray:
         """codes (t, h, w) -> (4t, 8h, 8w, 3) uint8."""
         return to_uint8(self.decode(torch.as_tensor(codes, dtype=torch.long)[None])[0])
 
-    def training_loss(self, pixels: torch.Tensor, commitment: float) -> tuple[torch.Tensor, dict]:
-        """VQ-VAE loss on a clip batch (B, T, 3, H, W): reconstruction + codebook + commitment."""
-        z = self.latents(pixels)
-        codes = self.nearest_codes(z.detach())
-        quant = self.embed_codes(codes)
-        codebook_loss = F.mse_loss(quant, z.detach())
-        commit_loss = F.mse_loss(z, quant.detach())
+    # ------------------------------------------------------------------ training
+    def training_loss(self, pixels: torch.Tensor, commitment: float, codebook_loss: bool = True
+                      ) -> tuple[torch.Tensor, dict]:
+        """VQ-VAE loss on a clip batch (B, T, 3, H, W), T == 1 for images: L1 + L2 reconstruction,
+        commitment, and (unless the codebook is updated by EMA) the codebook loss."""
+        z = self.normalize(self.latents(pixels).float())                   # (B, t, C, h, w)
+        codes = self.nearest_codes(z)
+        quant = self.embed_codes(codes).float()
+        commit = F.mse_loss(z, quant.detach())
         quant_st = z + (quant - z).detach()                                # straight-through estimator
-        recon = self.decode_quantized(quant_st)
-        recon_loss = F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels)
-        loss = recon_loss + codebook_loss + commitment * commit_loss
-        mse = F.mse_loss(recon.detach().clamp(-1, 1), pixels).item()
-        psnr = 10 * math.log10(4.0 / max(mse, 1e-10))                      # peak-to-peak range is 2
-        return loss, {"loss": loss.item(), "recon": recon_loss.item(), "codebook": codebook_loss.item(),
-                      "psnr": psnr, "codes": codes, "latents": z.detach()}
-
-
-def load_training_clips(raw_dirs, cfg: VQTrainConfig, skipped: SkipCounter) -> torch.Tensor:
-    """All images (repeated to 4 frames) and 4-frame windows of videos as (N, 4, 3, H, W)."""
-    clips = []
-    for where, segments in iter_documents(raw_dirs, skipped):
-        for seg in segments:
-            try:
-                if seg.kind == "image":
-                    clips.append(to_pixels(decode_image(seg.data, cfg.image_size)[None]).repeat(4, 1, 1, 1))
-                elif seg.kind == "video":
-                    frames = to_pixels(decode_video(seg.data, cfg.video_frames, cfg.image_size))
-                    clips += [frames[i:i + 4] for i in range(0, cfg.video_frames - 3, 4)]
-            except MediaError as e:
-                skipped.add(f"bad_{seg.kind}", f"{where}: {e}")
-        if len(clips) >= cfg.max_images:
-            break
-    if not clips:
-        raise ValueError(f"no images or videos found in {', '.join(map(str, raw_dirs))}")
-    return torch.stack(clips)
-
-
-def train_visual_tokenizer(raw_dirs, out_dir: str | Path, cfg: VQTrainConfig, log=print) -> dict:
-    """Train on the images and videos of raw shards; writes an HF Emu3VQVAE directory to out_dir."""
-    out_dir = Path(out_dir)
-    skipped = SkipCounter()
-    clips = load_training_clips(raw_dirs, cfg, skipped)
-    tokenizer = VisualTokenizer.from_config(cfg)
-    tokenizer.train()
-    optimizer = torch.optim.Adam(tokenizer.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
-    rng = random.Random(cfg.seed)
-    usage = torch.zeros(cfg.codebook_size, dtype=torch.long)
-    start, history = time.time(), []
-    for step in range(1, cfg.steps + 1):
-        batch = clips[rng.sample(range(len(clips)), min(cfg.batch_size, len(clips)))]
-        loss, stats = tokenizer.training_loss(batch, cfg.commitment)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        usage += torch.bincount(stats["codes"].flatten(), minlength=cfg.codebook_size)
-        if cfg.restart_dead_codes_every and step % cfg.restart_dead_codes_every == 0 and step < cfg.steps:
-            dead = (usage == 0).nonzero().flatten()
-            if len(dead):
-                # Restart unused codes at random latents of this batch, so the codebook stays in use.
-                pool = stats["latents"].permute(0, 1, 3, 4, 2).reshape(-1, cfg.embed_dim)
-                pick = torch.randint(len(pool), (len(dead),), generator=torch.Generator().manual_seed(step))
-                with torch.no_grad():
-                    tokenizer.vq.quantize.embedding.weight[dead] = pool[pick]
-            usage.zero_()
-        history.append({"step": step, "loss": stats["loss"], "psnr": stats["psnr"]})
-        if step % 10 == 0 or step == cfg.steps:
-            log(f"vq step {step}/{cfg.steps} loss {stats['loss']:.4f} psnr {stats['psnr']:.2f} dB "
-                f"({time.time() - start:.0f}s)")
-    tokenizer.eval()
-    tokenizer.save_pretrained(out_dir)
-    with torch.no_grad():
-        eval_batch = clips[: min(64, len(clips))]
-        _, stats = tokenizer.training_loss(eval_batch, cfg.commitment)
-    used = int(torch.unique(stats["codes"]).numel())
-    summary = {"clips": len(clips), "steps": cfg.steps, "final_loss": history[-1]["loss"],
-               "psnr": stats["psnr"], "codes_used_on_eval": used, "codebook_size": cfg.codebook_size,
-               "seconds": round(time.time() - start, 1), "skipped": skipped.as_dict(), "config": asdict(cfg)}
-    (out_dir / "loom_vq_train.json").write_text(json.dumps(summary, indent=2))
-    return summary
+        recon = self.decode_quantized(quant_st, image=pixels.shape[1] == 1).float()
+        target = pixels.float()
+        mse = F.mse_loss(recon, target)
+        recon_loss = F.l1_loss(recon, target) + mse
+        loss = recon_loss + commitment * commit
+        if codebook_loss:
+            loss = loss + F.mse_loss(quant, z.detach())
+        return loss, {"loss": loss.detach(), "recon": recon_loss.detach(), "mse": mse.detach(),
+                      "codes": codes, "latents": z.detach()}

@@ -66,17 +66,63 @@ def cmd_text_tokenizer(args) -> int:
     return 0
 
 
-def cmd_visual_tokenizer(args) -> int:
+def cmd_vq_train(args) -> int:
+    from data_pipeline.vq_config import load_vq_config
+
+    from .torchrun import inside_torchrun, run_torchrun
+
+    if args.from_pretrained:
+        args.overrides.append(f"model.from_pretrained={args.from_pretrained}")
+    argv = ["data", "visual-tokenizer", "train", args.config, *args.overrides]
+    if not inside_torchrun():
+        cfg = load_vq_config(args.config, args.overrides, world_size=1)
+        load_vq_config(args.config, args.overrides, world_size=cfg.nproc_per_node)  # fail before starting
+        if cfg.nproc_per_node > 1:
+            return run_torchrun((["--debug"] if args.debug else []) + argv, cfg.nproc_per_node)
+    from data_pipeline.vq_train import train_vq
+
+    cfg = load_vq_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    s = train_vq(cfg)
+    if s:
+        heldout = (f"held-out PSNR {s['psnr']:.2f} dB, SSIM {s['ssim']:.3f}, {s['codes_used_on_eval']}/"
+                   f"{s['codebook_size']} codes used" if s["psnr"] is not None else "no held-out clips")
+        print(f"visual tokenizer: {s['steps']} steps on {s['clips']} clips ({s['world_size']} process(es)), "
+              f"{heldout}, {s['skipped']['total']} inputs skipped, {s['seconds']}s -> {cfg.out_dir}")
+    return 0
+
+
+def cmd_vq_eval(args) -> int:
+    import json
+    from pathlib import Path
+
     import torch
 
-    from data_pipeline.visual_tokenizer import VQTrainConfig, train_visual_tokenizer
+    from data_pipeline.media import Geometry
+    from data_pipeline.visual_tokenizer import VisualTokenizer
+    from data_pipeline.vq_eval import evaluate_shards
 
     torch.set_num_threads(args.threads or os.cpu_count())
-    cfg = VQTrainConfig(steps=args.steps, codebook_size=args.codebook_size, image_size=args.image_size,
-                        batch_size=args.batch_size, seed=args.seed)
-    s = train_visual_tokenizer(args.raw, args.out, cfg)
-    print(f"visual tokenizer: {s['steps']} steps on {s['clips']} clips, PSNR {s['psnr']:.2f} dB, "
-          f"{s['codes_used_on_eval']}/{s['codebook_size']} codes used, {s['seconds']}s -> {args.out}")
+    ckpt = Path(args.checkpoint)
+    if (ckpt / "vq" / "config.json").is_file():  # a training checkpoint folder
+        ckpt = ckpt / "vq"
+    trained = ckpt / "loom_vq_train.json"
+    data_cfg = json.loads(trained.read_text())["config"]["data"] if trained.is_file() else {}
+    geometry = Geometry(**data_cfg["geometry"]) if data_cfg else Geometry()
+    if args.mode or args.size or args.max_pixels:
+        geometry = Geometry(mode=args.mode or geometry.mode, size=args.size or geometry.size,
+                            max_pixels=args.max_pixels or geometry.max_pixels)
+    frames = args.video_frames or data_cfg.get("video_frames", 8)
+    result = evaluate_shards(VisualTokenizer.from_pretrained(ckpt), args.data, geometry, frames, args.max_images,
+                             args.max_videos)
+    result["geometry"] = vars(geometry)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    usage = f"{result['codes_used']}/{result['codebook_size']}"
+    print(f"visual tokenizer eval: {result['images']} images, {result['videos']} videos: PSNR {result['psnr']:.2f} dB, "
+          f"SSIM {result['ssim']:.3f}, {usage} codes used, perplexity {result['perplexity']:.0f}, "
+          f"{result['skipped']['total']} skipped")
     return 0
 
 
@@ -86,8 +132,11 @@ def cmd_tokenize(args) -> int:
     from data_pipeline.tokenize import tokenize
 
     torch.set_num_threads(args.threads or os.cpu_count())
-    m = tokenize(args.raw, args.out, args.text_tokenizer, args.visual_tokenizer, args.image_size,
-                 args.video_frames)
+    from data_pipeline.media import Geometry
+
+    geometry = Geometry(mode=args.mode, size=args.image_size, max_pixels=args.max_pixels)
+    m = tokenize(args.raw, args.out, args.text_tokenizer, args.visual_tokenizer, geometry, args.video_frames,
+                 workers=args.workers)
     print(f"tokenize: {m['documents']} documents, tokens {m['tokens']}, skipped {m['skipped'] or 0}, "
           f"fingerprint {m['fingerprint']} -> {args.out}")
     return 0
@@ -258,24 +307,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=512)
     p.set_defaults(func=cmd_text_tokenizer)
 
-    p = data.add_parser("visual-tokenizer", help="train the VQ visual tokenizer on raw shards")
-    p.add_argument("--raw", nargs="+", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--codebook-size", type=int, default=256)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    p.set_defaults(func=cmd_visual_tokenizer)
+    vq = data.add_parser("visual-tokenizer", help="train or evaluate the VQ visual tokenizer").add_subparsers(
+        dest="vq_command", required=True, metavar="STEP")
+    p = vq.add_parser("train", help="train on raw shards (torchrun DDP when nproc_per_node > 1; resumes)")
+    p.add_argument("config", help="YAML recipe, e.g. configs/visual_tokenizer/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.raw=[runs/quickstart/raw] optim.bf16=true")
+    p.add_argument("--from-pretrained", default=None, metavar="DIR",
+                   help="start from a local HF Emu3VQVAE (or Emu3 model) directory (= model.from_pretrained=DIR)")
+    p.set_defaults(func=cmd_vq_train)
+    p = vq.add_parser("eval", help="PSNR, SSIM, codebook usage, perplexity, tokens per image / video second")
+    p.add_argument("checkpoint", help="an Emu3VQVAE directory (Loom's or released), an Emu3 model directory, "
+                   "or a training checkpoint folder")
+    p.add_argument("--data", nargs="+", required=True, help="raw shard directories")
+    p.add_argument("--mode", choices=["crop", "budget"], default=None,
+                   help="image geometry (default: the tokenizer's training geometry)")
+    p.add_argument("--size", type=int, default=0, help="crop size")
+    p.add_argument("--max-pixels", type=int, default=0, help="pixel budget (budget mode)")
+    p.add_argument("--video-frames", type=int, default=0)
+    p.add_argument("--max-images", type=int, default=512)
+    p.add_argument("--max-videos", type=int, default=64)
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=cmd_vq_eval)
 
     p = data.add_parser("tokenize", help="raw shards -> token shards + manifest.json")
     p.add_argument("--raw", nargs="+", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--text-tokenizer", required=True, help="sentencepiece .model file")
     p.add_argument("--visual-tokenizer", required=True, help="Emu3VQVAE directory")
+    p.add_argument("--mode", choices=["crop", "budget"], default="crop",
+                   help="crop: square --image-size crops; budget: aspect ratio kept within --max-pixels")
     p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--max-pixels", type=int, default=64 * 64)
     p.add_argument("--video-frames", type=int, default=8)
+    p.add_argument("--workers", type=int, default=0, help="loader processes decoding media (0: a background "
+                   "thread of this process, the fastest on a few cores)")
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(func=cmd_tokenize)
     return parser

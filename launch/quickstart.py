@@ -23,8 +23,10 @@ import torch
 from data_pipeline.shards import read_json
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+VQ_RECIPE = RECIPE.parent / "visual_tokenizer" / "quickstart.yaml"
 NPROC = 2
 HELDOUT_DOCS = 300
+IMAGE_SIZE = 64  # 8x8 codes per image; the visual tokenizer reaches 25 dB here within its 10-minute budget
 
 
 def stage(name: str, done: bool, force: bool, run) -> None:
@@ -52,16 +54,18 @@ def quickstart(out: str, docs: int, steps: int | None, vq_steps: int | None = No
     from data_pipeline.shapes import WorldSpec, write_world
     from data_pipeline.text_tokenizer import train_text_tokenizer
     from data_pipeline.tokenize import tokenize
-    from data_pipeline.visual_tokenizer import VQTrainConfig, train_visual_tokenizer
-    from pretrain.config import load_config
+    from data_pipeline.vq_config import VQConfig, load_vq_config
+    from data_pipeline.vq_train import train_vq
+    from pretrain.config import build, load_config, load_tree
 
     from .torchrun import run_torchrun
 
     out_dir = Path(out)
     raw, tok_dir, tokens, train_dir = out_dir / "raw", out_dir / "tokenizers", out_dir / "tokens", out_dir / "train"
     heldout_raw, heldout_tokens = out_dir / "heldout" / "raw", out_dir / "heldout" / "tokens"
-    spec = WorldSpec()
-    vq_cfg = VQTrainConfig() if vq_steps is None else VQTrainConfig(steps=vq_steps)
+    spec = WorldSpec(image_size=IMAGE_SIZE)
+    vq_overrides = [f"out_dir={tok_dir / 'vq'}", f"data.raw=[{raw}]"] + \
+        ([f"optim.steps={vq_steps}"] if vq_steps is not None else [])
     torch.set_num_threads(os.cpu_count() or 1)
     begin = time.time()
     stage("synthesize the shapes world", (raw / "world.json").exists(), force,
@@ -71,7 +75,7 @@ def quickstart(out: str, docs: int, steps: int | None, vq_steps: int | None = No
     stage("train the text tokenizer", (tok_dir / "text_tokenizer.model").exists(), force,
           lambda: train_text_tokenizer([raw], tok_dir, vocab_size=512))
     stage("train the visual tokenizer", (tok_dir / "vq" / "loom_vq_train.json").exists(), force,
-          lambda: train_visual_tokenizer([raw], tok_dir / "vq", vq_cfg, log=lambda m: print("  " + m, flush=True)))
+          lambda: train_vq(load_vq_config(VQ_RECIPE, vq_overrides), log=lambda m: print("  " + m, flush=True)))
     stage("tokenize", (tokens / "manifest.json").exists(), force,
           lambda: tokenize([raw], tokens, tok_dir / "text_tokenizer.model", tok_dir / "vq", spec.image_size,
                            spec.video_frames, log=lambda m: print("  " + m, flush=True)))
@@ -93,7 +97,7 @@ def quickstart(out: str, docs: int, steps: int | None, vq_steps: int | None = No
     finished = summary_file.exists() and read_json(summary_file).get("steps") == cfg.schedule.steps
     stage("train the model (torchrun, 2 processes, ZeRO-1)", finished, force, run_training)
     summary = read_json(summary_file)
-    checks = learning_checks(summary, vq_cfg.codebook_size)
+    checks = learning_checks(summary, build(VQConfig, load_tree(VQ_RECIPE, vq_overrides)).model.codebook_size)
     result = {**summary, "checks": {text: ok for text, ok in checks}, "seconds": round(time.time() - begin)}
     (out_dir / "quickstart.json").write_text(json.dumps(result, indent=2))
     print("\n[quickstart] summary")

@@ -19,15 +19,17 @@ def world(tmp_path_factory):
     from data_pipeline.shapes import write_world
     from data_pipeline.text_tokenizer import train_text_tokenizer
     from data_pipeline.tokenize import tokenize
-    from data_pipeline.visual_tokenizer import VQTrainConfig, train_visual_tokenizer
+    from data_pipeline.vq_config import load_vq_config
+    from data_pipeline.vq_train import train_vq
 
     root = tmp_path_factory.mktemp("world")
     torch.set_num_threads(2)
     write_world(root / "raw", 160, seed=0, docs_per_shard=40)
     write_world(root / "heldout_raw", 40, seed=1, docs_per_shard=20)
     train_text_tokenizer([root / "raw"], root / "tok", vocab_size=400)
-    train_visual_tokenizer([root / "raw"], root / "tok" / "vq", VQTrainConfig(steps=8, batch_size=8),
-                           log=lambda m: None)
+    train_vq(load_vq_config(None, [f"out_dir={root / 'tok' / 'vq'}", f"data.raw=[{root / 'raw'}]",
+                                   "model.codebook_size=256", "optim.steps=8", "optim.batch_size=8",
+                                   "logging.tensorboard=false"]), log=lambda m: None)
     quiet = lambda m: None  # noqa: E731
     tokenize([root / "raw"], root / "tokens", root / "tok" / "text_tokenizer.model", root / "tok" / "vq", 32, 8,
              log=quiet)

@@ -77,3 +77,25 @@ def test_every_field_is_documented():
 def test_build_rejects_wrong_section_type():
     with pytest.raises(ConfigError, match="model: expected a mapping"):
         build(TrainConfig, {"model": 3})
+
+
+VQ_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "visual_tokenizer").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", VQ_CONFIGS, ids=lambda p: p.name)
+def test_every_visual_tokenizer_recipe_loads_and_validates(recipe, tmp_path):
+    from data_pipeline.vq_config import load_vq_config
+
+    cfg = load_vq_config(recipe, [f"data.raw=[{tmp_path}]"], world_size=2)
+    assert cfg.data.raw == [str(tmp_path)] and cfg.model.codebook_size >= 256
+
+
+def test_visual_tokenizer_config_errors_name_the_field(tmp_path):
+    from data_pipeline.vq_config import load_vq_config
+
+    raw = f"data.raw=[{tmp_path}]"
+    for override in ["data.video_frames=6", "codebook.update=kmeans", "optim.batch_size=3",
+                     "model.base_channels=48", "data.scales=[1.5]", "data.raw=[/nonexistent]"]:
+        field = override.split("=")[0]
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            load_vq_config(None, [raw, override] if field != "data.raw" else [override], world_size=2)

@@ -70,7 +70,7 @@ def test_bad_samples_are_skipped_counted_and_reruns_skip_done_shards(world, tmp_
     m = tokenize([raw], tmp_path / "tokens", *args, log=lambda m: None)
     assert m["documents"] == 2
     assert sum(m["skipped"].values()) == 2 * 2 + 1 and m["skipped"]["unreadable_shard"] == 1
-    assert m["skipped"]["missing_json"] == 2 and m["skipped"]["bad_media"] == 2
+    assert m["skipped"]["missing_json"] == 2 and m["skipped"]["bad_image"] == 2
     before = (tmp_path / "tokens" / "tokens-a.tar").stat().st_mtime_ns
     logs = []
     tokenize([raw], tmp_path / "tokens", *args, log=logs.append)
