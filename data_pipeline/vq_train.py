@@ -296,25 +296,59 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return (dist.get_rank() if dist.is_initialized() else 0), world_size, device
 
 
+def gather(obj, world_size: int) -> list:
+    """`obj` of every rank (a list of one without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    every = [None] * world_size
+    dist.all_gather_object(every, obj)
+    return every
+
+
+def restore(cfg: VQConfig, tok: VisualTokenizer, optimizer, keeper: CodebookKeeper, sampler: ClipSampler,
+            rank: int, world_size: int, say) -> int:
+    """Load the latest complete checkpoint of `cfg.out_dir`, if any; returns its step (0 if none)."""
+    resume = latest_checkpoint(cfg)
+    if resume is None:
+        return 0
+    state = torch.load(resume / "state.pt", weights_only=False)
+    tok.vq.load_state_dict(VisualTokenizer.from_pretrained(resume / "vq").vq.state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    keeper.load(state["codebook"])
+    if state["world_size"] == world_size:
+        sampler.load(state["samplers"][rank])
+    else:
+        say(f"vq: resuming with {world_size} processes instead of {state['world_size']}: batches are drawn anew "
+            f"(weights, optimizer and codebook statistics are exact)")
+    say(f"vq: resumed from {resume} at step {state['step']}")
+    return state["step"]
+
+
+def progress_record(stats: dict, keeper: CodebookKeeper, world_size: int) -> dict:
+    """Loss, reconstruction loss and PSNR averaged over ranks, and the codebook statistics."""
+    means = torch.stack([stats["loss"], stats["recon"], stats["mse"]]).float().cpu()
+    if dist.is_initialized():
+        dist.all_reduce(means)
+    means /= world_size
+    return {"loss": means[0].item(), "recon_loss": means[1].item(), "psnr": psnr(means[2].item()),
+            **{f"codebook/{k}": v for k, v in keeper.statistics().items()}, "codebook/restarted": keeper.restarted}
+
+
 def train_vq(cfg: VQConfig, log=print) -> dict:
     """Train (or resume) the tokenizer described by `cfg`; returns the summary rank 0 writes."""
     rank, world_size, device = setup_distributed()
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world_size))
-    out = Path(cfg.out_dir)
+    out, start, skipped = Path(cfg.out_dir), time.time(), SkipCounter()
     say = log if rank == 0 else (lambda message: None)
-    start = time.time()
-    skipped = SkipCounter()
     buckets = load_clips(cfg, rank, world_size, skipped)
     heldout = split_heldout(buckets, cfg.data.eval_clips) if rank == 0 else {}
     counts = torch.tensor([sum(len(v) for k, v in buckets.items() if k[0] > 1),
-                           sum(len(v) for v in buckets.values())], dtype=torch.float64)
+                           sum(len(v) for v in buckets.values())], dtype=torch.float64)  # videos, all clips
     if dist.is_initialized():
         dist.all_reduce(counts)
-    if counts[1] == 0:
-        raise ValueError(f"no images or videos found in {', '.join(cfg.data.raw)} (skipped: {skipped.as_dict()})")
     say(f"vq: {int(counts[1])} training clips ({int(counts[0])} videos) in memory over {world_size} process(es), "
-        f"{sum(len(v) for v in heldout.values())} held out, "
-        f"shapes {sorted(buckets)}, {skipped.total} inputs skipped ({time.time() - start:.0f}s)")
+        f"{sum(len(v) for v in heldout.values())} held out, shapes {sorted(buckets)}, {skipped.total} inputs "
+        f"skipped ({time.time() - start:.0f}s)")
 
     tok = build_tokenizer(cfg).to(device).train()
     model = LossModule(tok, cfg)
@@ -325,27 +359,14 @@ def train_vq(cfg: VQConfig, log=print) -> dict:
                                  betas=(0.9, 0.99))
     sampler = ClipSampler(buckets, float(counts[0] / counts[1]), cfg.seed, rank)
     keeper = CodebookKeeper(tok, cfg)
-    step = 0
-    resume = latest_checkpoint(cfg)
-    if resume is not None:
-        state = torch.load(resume / "state.pt", weights_only=False)
-        tok.vq.load_state_dict(VisualTokenizer.from_pretrained(resume / "vq").vq.state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        keeper.load(state["codebook"])
-        if state["world_size"] == world_size:
-            sampler.load(state["samplers"][rank])
-        else:
-            say(f"vq: resuming with {world_size} processes instead of {state['world_size']}: batches are "
-                f"drawn anew (weights and optimizer are exact)")
-        step = state["step"]
-        say(f"vq: resumed from {resume} at step {step}")
+    step = restore(cfg, tok, optimizer, keeper, sampler, rank, world_size, say)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, out / "config.yaml")
     logger = MetricsLogger(out, rank == 0, cfg.logging.tensorboard, step)
     per_rank = (cfg.optim.batch_size // world_size, cfg.optim.video_batch_size // world_size)
-    tick = time.time()
-    while step < cfg.optim.steps:
+    last = cfg.optim.steps
+    while step < last:
         step += 1
         pixels = sampler.draw(*per_rank).to(device)
         with torch.autocast(device.type, torch.bfloat16, enabled=cfg.optim.bf16):
@@ -355,40 +376,26 @@ def train_vq(cfg: VQConfig, log=print) -> dict:
         optimizer.step()
         tok.project_codebook()
         keeper.update(step, stats["codes"], stats["latents"])
-        if step % cfg.logging.interval == 0 or step == cfg.optim.steps:
-            means = torch.stack([stats["loss"], stats["recon"], stats["mse"]]).float().cpu()
-            if dist.is_initialized():
-                dist.all_reduce(means)
-            means /= world_size
-            record = {"loss": means[0].item(), "recon_loss": means[1].item(), "psnr": psnr(means[2].item()),
-                      **{f"codebook/{k}": v for k, v in keeper.statistics().items()},
-                      "codebook/restarted": keeper.restarted,
-                      "clips_per_s": cfg.logging.interval * cfg.optim.batch_size / (time.time() - tick)}
+        if step % cfg.logging.interval == 0 or step == last:
+            record = progress_record(stats, keeper, world_size)
             logger.log(step, record)
-            say(f"vq step {step}/{cfg.optim.steps} loss {record['loss']:.4f} psnr {record['psnr']:.2f} dB "
-                f"usage {record['codebook/usage']:.0%} perplexity {record['codebook/perplexity']:.0f} "
+            say(f"vq step {step}/{last} loss {record['loss']:.4f} psnr {record['psnr']:.2f} dB usage "
+                f"{record['codebook/usage']:.0%} perplexity {record['codebook/perplexity']:.0f} "
                 f"({time.time() - start:.0f}s)")
-            tick = time.time()
-        if rank == 0 and heldout and (step % cfg.logging.eval_interval == 0 or step == cfg.optim.steps):
+        if rank == 0 and heldout and (step % cfg.logging.eval_interval == 0 or step == last):
             result = evaluate(tok, heldout, logger, step)
             logger.log(step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})
-        if step == cfg.optim.steps or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
-            states = [None] * world_size
-            if dist.is_initialized():
-                dist.all_gather_object(states, sampler.state())
-            else:
-                states = [sampler.state()]
+        if step == last or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
+            samplers = gather(sampler.state(), world_size)
             check_replicas_agree(tok, step)
-            save_checkpoint(cfg, step, tok, optimizer, keeper, states, rank)
+            save_checkpoint(cfg, step, tok, optimizer, keeper, samplers, rank)
             if dist.is_initialized():
                 dist.barrier()
     logger.close()
-    if dist.is_initialized():
-        every_rank = [None] * world_size
-        dist.all_gather_object(every_rank, skipped.as_dict())
-        skipped = SkipCounter()
-        for other in every_rank:
-            skipped.merge(other)
+    every_rank = gather(skipped.as_dict(), world_size)
+    skipped = SkipCounter()
+    for other in every_rank:
+        skipped.merge(other)
     summary = {}
     if rank == 0:
         tok.eval()

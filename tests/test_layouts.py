@@ -1,8 +1,12 @@
 """Every parallel layout trains the same model as one process (torchrun, gloo, 4 processes).
 
 Same config and seed: the same initial weights and the same global batches, whatever the layout.
-fp32: the loss of each of 10 steps within 1e-6 of one process, the global grad norm within 1e-5
-relative. bf16: within 1e-2 of the one-process fp32 loss.
+fp32: the loss of each of 10 steps within 1e-6 relative of one process and the global grad norm
+within 1e-4 relative. Layouts sum in other orders (vocab-parallel cross-entropy, gradient
+all-reduces), and Adam turns those rounding differences in near-zero gradients into full-size
+updates, so they grow over the steps; measured on the test world: up to 2e-7 (loss) and 1.8e-5
+(grad norm) for TP2 x PP2. A layout bug shows up at 1e-3 or more. bf16: within 1e-2 of the
+one-process fp32 loss.
 """
 
 import pytest
@@ -43,18 +47,34 @@ def reference(world, tmp_path_factory):
     return {**runs, **{f"{preset}_dir": root / preset for preset in runs}}
 
 
-def assert_same_run(records, reference, loss_tol, grad_tol):
+LOSS_RTOL, GRAD_RTOL = 1e-6, 1e-4
+
+
+def assert_same_run(records, reference, loss_rtol, grad_tol):
     for ours, ref in zip(records, reference):
-        assert abs(ours["loss"]["total"] - ref["loss"]["total"]) <= loss_tol, (ours["step"], ours["loss"], ref["loss"])
+        assert abs(ours["loss"]["total"] - ref["loss"]["total"]) <= loss_rtol * ref["loss"]["total"], \
+            (ours["step"], ours["loss"], ref["loss"])
         assert abs(ours["grad_norm"] - ref["grad_norm"]) <= grad_tol * ref["grad_norm"], ours["step"]
         assert ours["consumed_tokens"] == ref["consumed_tokens"]  # the same data
 
 
+@pytest.fixture(scope="module")
+def layout_run(world, tmp_path_factory):
+    """The fp32 4-process run of a layout, trained once per module: (records, run directory)."""
+    root, runs = tmp_path_factory.mktemp("layouts"), {}
+
+    def run(layout):
+        if layout not in runs:
+            runs[layout] = train(world, root / layout, 4, *LAYOUTS[layout]), root / layout
+        return runs[layout]
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS, ids=list(LAYOUTS))
-def test_layout_matches_one_process_in_fp32(layout, reference, world, tmp_path):
-    records = train(world, tmp_path / layout, 4, *LAYOUTS[layout])
-    assert_same_run(records, reference["emu3"], loss_tol=1e-6, grad_tol=1e-5)
+def test_layout_matches_one_process_in_fp32(layout, reference, layout_run):
+    records, _ = layout_run(layout)
+    assert_same_run(records, reference["emu3"], LOSS_RTOL, GRAD_RTOL)
     assert records[-1]["loss"]["total"] < records[0]["loss"]["total"] - 0.5  # and it learns
 
 
@@ -69,22 +89,21 @@ def test_layout_in_bf16_stays_close_to_fp32(layout, reference, world, tmp_path):
 @pytest.mark.slow
 def test_chameleon_preset_under_tp_and_pp(reference, world, tmp_path):
     records = train(world, tmp_path / "cham", 4, "model.preset=chameleon", *LAYOUTS["tp2-pp2-zero1"])
-    assert_same_run(records, reference["chameleon"], loss_tol=1e-6, grad_tol=1e-5)
+    assert_same_run(records, reference["chameleon"], LOSS_RTOL, GRAD_RTOL)
 
 
 @pytest.mark.slow
-def test_loss_curves_in_tensorboard_agree_between_one_process_and_tp2_pp2(reference, world, tmp_path):
+def test_loss_curves_in_tensorboard_agree_between_one_process_and_tp2_pp2(reference, layout_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train(world, tmp_path / "tp2pp2", 4, *LAYOUTS["tp2-pp2-zero1"])
     curves = {}
-    for name, run in (("single", reference["emu3_dir"]), ("tp2pp2", tmp_path / "tp2pp2")):
+    for name, run in (("single", reference["emu3_dir"]), ("tp2pp2", layout_run("tp2-pp2-zero1")[1])):
         events = EventAccumulator(str(run / "tensorboard"))
         events.Reload()
         curves[name] = [e.value for e in events.Scalars("loss/total")]
         assert "mfu" in events.Tags()["scalars"] and "tflops_per_device" in events.Tags()["scalars"]
     assert len(curves["single"]) == STEPS
-    assert max(abs(a - b) for a, b in zip(curves["single"], curves["tp2pp2"])) <= 1e-6
+    assert all(abs(a - b) <= LOSS_RTOL * a for a, b in zip(curves["single"], curves["tp2pp2"]))
 
 
 def test_batches_pack_several_documents_per_row(world):
