@@ -95,7 +95,7 @@ def evaluate_shards(tokenizer: VisualTokenizer, raw_dirs: list[str | Path], geom
 
     def flush(key):
         nonlocal image_codes, image_tokens, video_codes
-        pixels = torch.stack([p for p, _ in pending[key]])
+        pixels = torch.stack(pending[key])
         codes, _ = acc.add(tokenizer, pixels, "image" if key[0] == 1 else "video")
         t, h, w = codes.shape[1:]
         if key[0] == 1:
@@ -109,20 +109,20 @@ def evaluate_shards(tokenizer: VisualTokenizer, raw_dirs: list[str | Path], geom
         for seg in segments:
             try:
                 if seg.kind == "image" and images < max_images:
-                    pixels, seconds = to_pixels(decode_image(seg.data, geometry)[None]), 0.0
+                    pixels = to_pixels(decode_image(seg.data, geometry)[None])
                     images += 1
                 elif seg.kind == "video" and videos < max_videos:
                     video = read_video(seg.data, video_frames, geometry)
-                    pixels, seconds = to_pixels(video.frames), video.seconds
+                    pixels = to_pixels(video.frames)
                     videos += 1
-                    video_seconds += seconds
+                    video_seconds += video.seconds
                 else:
                     continue
             except MediaError as e:
                 skipped.add(e.reason, f"{where}: {e}")
                 continue
             key = tuple(pixels.shape)
-            pending[key].append((pixels, seconds))
+            pending[key].append(pixels)
             if len(pending[key]) == batch_size:
                 flush(key)
         if images >= max_images and videos >= max_videos:

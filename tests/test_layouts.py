@@ -2,11 +2,12 @@
 
 Same config and seed: the same initial weights and the same global batches, whatever the layout.
 fp32: the loss of each of 10 steps within 1e-6 relative of one process and the global grad norm
-within 1e-4 relative. Layouts sum in other orders (vocab-parallel cross-entropy, gradient
-all-reduces), and Adam turns those rounding differences in near-zero gradients into full-size
-updates, so they grow over the steps; measured on the test world: up to 2e-7 (loss) and 1.8e-5
-(grad norm) for TP2 x PP2. A layout bug shows up at 1e-3 or more. bf16: within 1e-2 of the
-one-process fp32 loss.
+within 1e-4 relative (compiled blocks: 5e-6 and 3e-4). Layouts sum in other orders (vocab-parallel
+cross-entropy, gradient all-reduces; inductor fuses the blocks' ops), and Adam turns those rounding
+differences in near-zero gradients into full-size updates, so they grow over the steps. Measured in
+CI on the test world, max over the steps: TP layouts 1.5-3.8e-7 (loss) and 1.6-2.8e-5 (grad norm),
+PP2 x DP2 6e-8 and 3e-7, compiled blocks 1.2e-6 and 6.8e-5. A layout bug shows up at 1e-3 or more.
+bf16: within 1e-2 of the one-process fp32 loss.
 """
 
 import pytest
@@ -48,6 +49,7 @@ def reference(world, tmp_path_factory):
 
 
 LOSS_RTOL, GRAD_RTOL = 1e-6, 1e-4
+COMPILED_LOSS_RTOL, COMPILED_GRAD_RTOL = 5e-6, 3e-4
 
 
 def assert_same_run(records, reference, loss_rtol, grad_tol):
@@ -74,7 +76,9 @@ def layout_run(world, tmp_path_factory):
 @pytest.mark.parametrize("layout", LAYOUTS, ids=list(LAYOUTS))
 def test_layout_matches_one_process_in_fp32(layout, reference, layout_run):
     records, _ = layout_run(layout)
-    assert_same_run(records, reference["emu3"], LOSS_RTOL, GRAD_RTOL)
+    compiled = "model.compile=true" in LAYOUTS[layout]
+    assert_same_run(records, reference["emu3"], COMPILED_LOSS_RTOL if compiled else LOSS_RTOL,
+                    COMPILED_GRAD_RTOL if compiled else GRAD_RTOL)
     assert records[-1]["loss"]["total"] < records[0]["loss"]["total"] - 0.5  # and it learns
 
 
