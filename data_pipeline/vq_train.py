@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from checkpoints_utils.manifest import COMPLETE
 from pretrain.config import dump_yaml
 from pretrain.metrics import MetricsLogger
 
@@ -37,8 +38,6 @@ from .shards import list_shards, write_json_atomic
 from .visual_tokenizer import VisualTokenizer, psnr, to_pixels
 from .vq_config import VQConfig
 from .vq_eval import Reconstructions, code_statistics
-
-COMPLETE = "COMPLETE"
 
 
 def load_clips(cfg: VQConfig, rank: int, world_size: int, skipped: SkipCounter) -> dict[tuple, list[torch.Tensor]]:
@@ -210,9 +209,13 @@ def checkpoint_root(cfg: VQConfig) -> Path:
     return Path(cfg.out_dir) / "checkpoints"
 
 
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders marked COMPLETE (the marker of checkpoints_utils), oldest first."""
+    return sorted(p for p in root.glob("step_*") if (p / COMPLETE).exists()) if root.is_dir() else []
+
+
 def latest_checkpoint(cfg: VQConfig) -> Path | None:
-    root = checkpoint_root(cfg)
-    done = sorted(p for p in root.glob("step_*") if (p / COMPLETE).exists()) if root.is_dir() else []
+    done = complete_checkpoints(checkpoint_root(cfg))
     return done[-1] if done else None
 
 
@@ -232,7 +235,7 @@ def save_checkpoint(cfg: VQConfig, step: int, tok: VisualTokenizer, optimizer, k
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     (final / COMPLETE).write_text("complete\n")
-    for old in sorted(p for p in root.glob("step_*") if (p / COMPLETE).exists())[:-cfg.checkpoint.keep_last]:
+    for old in complete_checkpoints(root)[:-cfg.checkpoint.keep_last]:
         shutil.rmtree(old)
 
 
