@@ -1,25 +1,20 @@
-"""Visual tokenizer throughput on this machine, each figure against a baseline of the same run.
+"""Visual tokenizer training throughput on this machine, against a baseline of the same run.
 
-1. Training: images/s of a training step through transformers' path (an image repeated to 4 frames
-   through the whole encoder and decoder, fp32) against Loom's image path (the still encoded once, the
-   first frame decoded), in fp32 and with bf16 autocast.
-2. Tokenize: images/s of the bare encoder on pre-decoded images against the tokenize job end to end
-   on image-caption shards, with 0, 1, 2 loader workers decoding, and the fraction of the job's time
-   the encoder is busy.
+Images/s of a training step through transformers' path (an image repeated to 4 frames through the
+whole encoder and decoder, fp32) against Loom's image path (the still encoded once, the first frame
+decoded), in fp32 and with bf16 autocast. (The tokenize job's throughput: benchmarks/tokenize_throughput.py.)
 
-    python benchmarks/visual_tokenizer.py [--image-size 64] [--docs 600] [--workers 0 1 2]
+    python benchmarks/visual_tokenizer.py [--image-size 64] [--docs 600]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,8 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_pipeline.media import decode_image  # noqa: E402
 from data_pipeline.raw import SkipCounter, iter_documents  # noqa: E402
 from data_pipeline.shapes import WorldSpec, write_world  # noqa: E402
-from data_pipeline.text_tokenizer import train_text_tokenizer  # noqa: E402
-from data_pipeline.tokenize import tokenize  # noqa: E402
 from data_pipeline.visual_tokenizer import to_pixels  # noqa: E402
 from data_pipeline.vq_config import load_vq_config  # noqa: E402
 from data_pipeline.vq_train import build_tokenizer  # noqa: E402
@@ -80,40 +73,12 @@ def bench_training(cfg, images, repeats):
     print(f"  Loom image path, bf16 autocast:      {bf16:8.1f} images/s   {bf16 / base:.2f}x")
 
 
-def bench_tokenize(cfg, raw: Path, work: Path, size: int, workers: list[int]):
-    """Image-only shards, so that the job's images/s and the bare encoder's count the same work."""
-    tok = build_tokenizer(cfg).eval()
-    tok.save_pretrained(work / "vq")
-    train_text_tokenizer([raw], work, vocab_size=400)
-    arrays = [decode_image(seg.data, size) for _, segs in iter_documents([raw], SkipCounter())
-              for seg in segs if seg.kind == "image"]
-    with torch.inference_mode():
-        tok.encode_images(np.stack(arrays[:32]))
-        start = time.perf_counter()
-        for i in range(0, len(arrays), 32):
-            tok.encode_images(np.stack(arrays[i:i + 32]))
-        bare = len(arrays) / (time.perf_counter() - start)
-    print(f"tokenize {len(arrays)} images at {size}x{size} (image-caption documents):")
-    print(f"  bare encoder (pre-decoded, batches of 32): {bare:8.1f} images/s   1.00x")
-    for n in workers:
-        out = work / f"tokens_{n}"
-        start = time.perf_counter()
-        tokenize([raw], out, work / "text_tokenizer.model", work / "vq", size, cfg.data.video_frames,
-                 log=lambda m: None, workers=n)
-        job = len(arrays) / (time.perf_counter() - start)
-        stats = [json.loads(p.read_text()) for p in sorted(out.glob("tokens-*.json"))]
-        busy = sum(s["encoder_seconds"] for s in stats) / sum(s["seconds"] for s in stats)
-        print(f"  tokenize job, {n} loader worker(s):       {job:8.1f} images/s   {job / bare:.2f}x   "
-              f"encoder busy {busy:.1%} (goal >= 90%)")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--docs", type=int, default=600)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
@@ -127,9 +92,6 @@ def main() -> None:
                               for _, segs in iter_documents([work / "raw"], SkipCounter())
                               for seg in segs if seg.kind == "image"][:args.batch])
         bench_training(cfg, images, args.repeats)
-        write_world(work / "images", args.docs, seed=1, spec=WorldSpec(image_size=args.image_size, mix=(1, 0, 0, 0)),
-                    docs_per_shard=200)
-        bench_tokenize(cfg, work / "images", work, args.image_size, args.workers)
     print(f"visual tokenizer benchmark: done in {time.time() - start:.0f}s")
 
 

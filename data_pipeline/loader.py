@@ -2,9 +2,12 @@
 
 The global batch of every optimizer step has `global_batch_size` rows; row r of every step comes
 from packing stream r. Stream s reads documents g = s, s + P, s + 2P, ... of each source
-(P = number of streams), mixes sources by weight with its own seeded generator, and packs the
-documents back to back into rows of seq_len + 1 tokens (row n+1 of a stream starts with row n's
-last token, so nothing is wasted; a document cut by a row end continues in the next row).
+(P = number of streams), mixes sources by weight in tokens, and packs the documents back to back into
+rows of seq_len + 1 tokens (row n+1 of a stream starts with row n's last token, so nothing is wasted;
+a document cut by a row end continues in the next row). Mixing: the next document comes from the
+source furthest below its weighted share of the tokens the stream has taken so far, so each
+source's share of tokens stays within one document of its weight whatever the sources' document
+lengths, and the position is part of the resumable state.
 
 Document g of a source is document g mod N of epoch g // N (N documents per epoch); an epoch
 visits the shards in an order shuffled by (seed, epoch), each shard's documents in stored order,
@@ -125,31 +128,39 @@ class PackingStream:
     """One row slot of the global batch: its documents, its mixing generator, its unfinished document."""
 
     def __init__(self, index: int, num_streams: int, readers: list[SourceReader], weights: np.ndarray,
-                 seq_len: int, seed: int, state: dict | None = None):
+                 seq_len: int, state: dict | None = None):
         self.index, self.num_streams, self.readers, self.weights = index, num_streams, readers, weights
         self.row_len = seq_len + 1
-        self.rng = np.random.default_rng([seed, index, 7])
         self.next_doc = {r.source.name: 0 for r in readers}  # j: the stream's next document is index + P*j
+        self.tokens = {r.source.name: 0 for r in readers}  # tokens taken from each source
         self.skipped: Counter = Counter()
         self.pending = (np.zeros(0, np.int64), np.zeros(0, np.int8))
         if state is not None:
-            self.rng.bit_generator.state = state["rng"]
             self.next_doc.update(state["next_doc"])
+            self.tokens.update(state["tokens"])
             self.skipped.update(state["skipped"])
             self.pending = (np.array(state["pending_tokens"], np.int64), np.array(state["pending_kinds"], np.int8))
 
     def state(self) -> dict:
-        return {"rng": self.rng.bit_generator.state, "next_doc": dict(self.next_doc), "skipped": dict(self.skipped),
+        return {"tokens": dict(self.tokens), "next_doc": dict(self.next_doc), "skipped": dict(self.skipped),
                 "pending_tokens": self.pending[0].tolist(), "pending_kinds": self.pending[1].tolist()}
 
+    def _next_source(self) -> SourceReader:
+        """The reader whose source is furthest below its share: least tokens / weight."""
+        shares = [(self.tokens[r.source.name] / w, i) for i, (r, w) in enumerate(zip(self.readers, self.weights))
+                  if w > 0]
+        return self.readers[min(shares)[1]]
+
     def _next_document(self) -> tuple[np.ndarray, np.ndarray]:
-        reader = self.readers[self.rng.choice(len(self.readers), p=self.weights)]
+        reader = self._next_source()
         name = reader.source.name
         for _ in range(MAX_CONSECUTIVE_BAD):
             g = self.index + self.num_streams * self.next_doc[name]
             self.next_doc[name] += 1
             try:
-                return reader.read(g)
+                document = reader.read(g)
+                self.tokens[name] += len(document[0])
+                return document
             except (ValueError, ShardError) as e:
                 self.skipped["bad_token_sample"] += 1
                 warn(f"{e}; skipped")
@@ -186,17 +197,20 @@ class TokenLoader:
 
     def __init__(self, sources: list[Source], layout: VocabLayout, seq_len: int, global_batch_size: int,
                  micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
+        if any(s.weight < 0 for s in sources) or not any(s.weight > 0 for s in sources):
+            raise ValueError("mixing weights must be >= 0 with at least one > 0: "
+                             + ", ".join(f"{s.name}: {s.weight}" for s in sources))
         if global_batch_size % (dp_size * micro_batch_size):
             raise ValueError(f"global batch {global_batch_size} is not divisible by data-parallel size {dp_size} "
                              f"x micro-batch {micro_batch_size}")
         self.readers = [SourceReader(src, layout, seed) for src in sources]
         self.weights = np.array([s.weight for s in sources], dtype=np.float64)
         self.weights /= self.weights.sum()
-        self.seq_len, self.seed = seq_len, seed
+        self.seq_len = seq_len
         self.num_streams, self.micro_batch_size = global_batch_size, micro_batch_size
         per_rank = global_batch_size // dp_size
         self.owned = range(dp_rank * per_rank, (dp_rank + 1) * per_rank)
-        self.streams = [PackingStream(s, self.num_streams, self.readers, self.weights, seq_len, seed)
+        self.streams = [PackingStream(s, self.num_streams, self.readers, self.weights, seq_len)
                         for s in self.owned]
         self.steps = 0
 
@@ -225,7 +239,7 @@ class TokenLoader:
         if missing:
             raise ValueError(f"the saved data position lacks streams {missing[:5]}...; save it with merge_states")
         self.steps = state["steps"]
-        self.streams = [PackingStream(s, self.num_streams, self.readers, self.weights, self.seq_len, self.seed,
+        self.streams = [PackingStream(s, self.num_streams, self.readers, self.weights, self.seq_len,
                                       state["streams"][str(s)]) for s in self.owned]
 
 

@@ -7,6 +7,7 @@ Every refusal is a MediaError whose `reason` callers count (README "Bad input").
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass, field
 
 import av
@@ -65,16 +66,23 @@ class Geometry:
         h = max(self.multiple, int(height * scale) // self.multiple * self.multiple)
         return w, h
 
+    def scaled_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size the source is scaled to before any crop (at least the output size on each side)."""
+        if self.mode == "budget":
+            return self.target(width, height)
+        scale = self.size / min(width, height)
+        return max(self.size, math.ceil(width * scale)), max(self.size, math.ceil(height * scale))
+
     def apply(self, img: Image.Image) -> Image.Image:
         w, h = self.target(*img.size)
         if img.size == (w, h):
             return img
         if self.mode == "budget":
             return img.resize((w, h), Image.BICUBIC)
-        scale = w / min(img.size)
-        resized = img.resize((max(w, round(img.size[0] * scale)), max(h, round(img.size[1] * scale))), Image.BICUBIC)
-        left, top = (resized.size[0] - w) // 2, (resized.size[1] - h) // 2
-        return resized.crop((left, top, left + w, top + h))
+        # resize only the centered square that the crop keeps (cheaper than resizing, then cropping)
+        side = min(img.size)
+        left, top = (img.size[0] - side) / 2, (img.size[1] - side) / 2
+        return img.resize((w, h), Image.BICUBIC, box=(left, top, left + side, top + side))
 
 
 def as_geometry(geometry: Geometry | int | None) -> Geometry | None:
@@ -107,6 +115,8 @@ def decode_image(data: bytes, geometry: Geometry | int | None = None) -> np.ndar
         raise MediaError("bad_image", f"cannot decode image ({e})") from None
     if geometry is not None:
         geometry.check(*img.size, "image")  # from the header, before the pixels are decoded
+        if img.format == "JPEG":
+            img.draft("RGB", geometry.scaled_size(*img.size))  # decode at 1/2, 1/4 or 1/8 scale when that suffices
     try:
         img.load()
         img = to_rgb(img)

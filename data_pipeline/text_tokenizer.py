@@ -10,6 +10,24 @@ import sentencepiece as spm
 from .raw import SkipCounter, iter_documents
 
 
+def source_documents(sources, skipped: SkipCounter):
+    """Documents of tokenize sources of any format, bad samples counted in `skipped`."""
+    from .raw import SampleError
+    from .shards import ShardError
+    from .sources import list_inputs, read_input
+
+    for source in sources:
+        for path in list_inputs(source):
+            try:
+                for item in read_input(source, path):
+                    if isinstance(item, SampleError):
+                        skipped.add(item.reason, str(item))
+                    else:
+                        yield item
+            except ShardError as e:
+                skipped.add("unreadable_shard", str(e))
+
+
 class TextTokenizer:
     """Thin wrapper so the rest of Loom does not depend on sentencepiece's API directly."""
 
@@ -31,18 +49,21 @@ class TextTokenizer:
 
 
 def train_text_tokenizer(raw_dirs: list[str | Path], out_dir: str | Path, vocab_size: int = 512,
-                         max_sentences: int = 200_000) -> dict:
-    """Train on every text segment of the raw shards; writes `out_dir/text_tokenizer.model`."""
+                         max_sentences: int = 200_000, sources: list = ()) -> dict:
+    """Train on the text segments of the raw shards in `raw_dirs`, or of the tokenize sources
+    (data_pipeline.tokenize_config.TokenizeSource, any format), up to `max_sentences`; writes
+    `out_dir/text_tokenizer.model`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     skipped = SkipCounter()
     sentences = []
-    for _, segments in iter_documents(raw_dirs, skipped):
+    for _, segments in (source_documents(sources, skipped) if sources else iter_documents(raw_dirs, skipped)):
         sentences += [s.text for s in segments if s.kind == "text" and s.text.strip()]
         if len(sentences) >= max_sentences:
             break
     if not sentences:
-        raise ValueError(f"no text found in {', '.join(map(str, raw_dirs))}")
+        where = ", ".join(map(str, raw_dirs)) if not sources else ", ".join(s.name for s in sources)
+        raise ValueError(f"no text found in {where}")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=model, model_type="bpe",

@@ -1,32 +1,31 @@
-"""Raw-document shards -> token shards (README "Token shard format").
+"""One input file -> one token shard (README "Token shard format"); the job around it is tokenize_job.py.
 
-Each input shard `X.tar` becomes `tokens-X.tar` with one sample per document: `tokens.npy` (1-D
-uint32 ids) and `spans.json` (`[[start, end, kind], ...]`, kind text/image/video, end exclusive),
-plus `tokens-X.json` with its counts. Output names follow input names, so the result does not
-depend on how many ranks share the work, and a finished output shard is skipped on a rerun.
-`manifest.json` merges the per-shard counts and records the vocabulary layout and fingerprint.
+Input `X.*` becomes `tokens-X.tar` with one sample per document: `tokens.npy` (1-D uint32 ids) and
+`spans.json` (`[[start, end, kind], ...]`, kind text/image/video, end exclusive), plus `tokens-X.json`
+with its counts, written last: a file with its .json is finished, one without is redone.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
-from queue import Queue
+from queue import Full, Queue
 
 import numpy as np
 import torch
 
 from .media import Geometry, MediaError, as_geometry, decode_image, read_video
-from .raw import SampleError, SkipCounter, parse_document
-from .shards import ShardError, ShardWriter, iter_samples, list_shards, npy_bytes, read_json, write_json_atomic
+from .raw import SampleError, SkipCounter
+from .shards import ShardError, ShardWriter, npy_bytes, write_json_atomic
+from .sources import read_input
 from .text_tokenizer import TextTokenizer
+from .tokenize_config import TokenizeSource
 from .visual_tokenizer import VisualTokenizer
-from .vocab import VocabLayout, fingerprint
+from .vocab import VocabLayout
 
 
 class DocumentEncoder:
@@ -122,26 +121,32 @@ class DocumentEncoder:
 
 
 class DecodedShard(torch.utils.data.IterableDataset):
-    """A raw shard's documents with decoded media, produced in DataLoader workers (worker w takes every
-    w-th document; the DataLoader hands them back in order). Items: ("doc", key, decoded),
-    ("skip", reason, message) or ("shard_error", message, None)."""
+    """An input file's documents with decoded media, produced in DataLoader workers (worker w takes every
+    w-th sample; the DataLoader hands them back in order). Items: ("doc", key, decoded),
+    ("skip", reason, message) or ("shard_error", message, None). Keys in `drop` are skipped as duplicates."""
 
-    def __init__(self, shard: Path, geometry: Geometry, video_frames: int):
-        self.shard, self.geometry, self.video_frames = shard, geometry, video_frames
+    def __init__(self, source: TokenizeSource, path: Path, geometry: Geometry, video_frames: int,
+                 drop: frozenset = frozenset()):
+        self.source, self.path, self.geometry, self.video_frames, self.drop = source, path, geometry, video_frames, drop
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         decoder = DocumentEncoder(None, None, None, self.geometry, self.video_frames)
         try:
-            for i, sample in enumerate(iter_samples(self.shard)):
+            for i, item in enumerate(read_input(self.source, self.path)):
                 if i % workers != worker:
                     continue
-                where = f"{self.shard}:{sample['__key__']}"
+                if isinstance(item, SampleError):
+                    yield "skip", item.reason, str(item)
+                    continue
+                key, segments = item
+                where = f"{self.path}:{key}"
+                if key in self.drop:
+                    yield "skip", "duplicate", f"{where}: same content as an earlier document"
+                    continue
                 try:
-                    yield "doc", sample["__key__"], decoder.decode(parse_document(sample))
-                except SampleError as e:
-                    yield "skip", e.reason, str(e)
+                    yield "doc", key, decoder.decode(segments)
                 except MediaError as e:
                     yield "skip", e.reason, f"{where}: {e}"
         except ShardError as e:
@@ -159,41 +164,57 @@ def as_is(item):
 
 def in_background(items: Iterator, depth: int) -> Iterator:
     """`items`, produced by a thread up to `depth` ahead. Pillow and PyAV release the GIL while they
-    decode and torch while it computes, so decoding overlaps encoding without another process."""
+    decode and torch while it computes, so decoding overlaps encoding without another process.
+    Closing the generator early stops the thread."""
     queue: Queue = Queue(depth)
-    done = object()
+    done, stop = object(), threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                pass
+        return False
 
     def produce():
         try:
             for item in items:
-                queue.put(item)
+                if not put(item):
+                    return
         except BaseException as e:  # re-raised in the consumer
-            queue.put(e)
-        queue.put(done)
+            put(e)
+        put(done)
 
     threading.Thread(target=produce, daemon=True).start()
-    while (item := queue.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    try:
+        while (item := queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
-def tokenize_shard(shard: Path, out_dir: Path, encoder: DocumentEncoder, workers: int = 0, window: int = 64) -> dict:
-    """Tokenize one raw shard; returns its counts. Bad samples are skipped and counted by reason.
-
-    Media are decoded in `workers` loader processes (0: a thread of this one) while this process encodes
-    up to `window` documents at a time.
-    """
+def tokenize_shard(source: TokenizeSource, path: Path, out_dir: Path, encoder: DocumentEncoder, workers: int = 0,
+                   max_consecutive_failures: int = 100, drop: frozenset = frozenset(), window: int = 64) -> dict:
+    """Tokenize one input file into `tokens-{stem}.tar`; returns its counts. Bad samples are skipped and
+    counted by reason; after `max_consecutive_failures` in a row the file is marked failed (what it gave so far
+    is kept). Media are decoded in `workers` loader processes (0: by this process; in a thread when the
+    encoder is on a GPU) while this process encodes up to `window` documents at a time."""
     skipped = SkipCounter()
     counts: Counter = Counter()
-    documents = 0
-    writer = ShardWriter(out_dir, f"tokens-{shard.stem}", max_count=None)
-    decoded = DecodedShard(shard, encoder.geometry, encoder.video_frames)
+    documents, failures, failed = 0, 0, None
+    writer = ShardWriter(out_dir, f"tokens-{path.stem}", max_count=None)
+    decoded = DecodedShard(source, path, encoder.geometry, encoder.video_frames, drop)
     if workers:
-        loader = torch.utils.data.DataLoader(decoded, batch_size=None, collate_fn=as_is, num_workers=workers,
-                                             worker_init_fn=one_thread, prefetch_factor=window)
+        items = iter(torch.utils.data.DataLoader(decoded, batch_size=None, collate_fn=as_is, num_workers=workers,
+                                                 worker_init_fn=one_thread, prefetch_factor=window))
+    elif encoder.visual.codebook.is_cuda:
+        items = in_background(iter(decoded), 4 * window)
     else:
-        loader = in_background(iter(decoded), 4 * window)
+        items = iter(decoded)
     pending: list[tuple[str, list]] = []
     encoder_before, start = encoder.encoder_seconds, time.perf_counter()
 
@@ -208,76 +229,31 @@ def tokenize_shard(shard: Path, out_dir: Path, encoder: DocumentEncoder, workers
         pending.clear()
 
     size = min(8, window)  # small first batches, so the encoder starts before the workers fill a window
-    for item, a, b in loader:
+    for item, a, b in items:
         if item == "doc":
+            failures = 0
             pending.append((a, b))
             if len(pending) >= size:
                 flush()
                 size = min(2 * size, window)
-        elif item == "skip":
+            continue
+        if item == "skip":
             skipped.add(a, b)
+            failures += 1
+            if failures >= max_consecutive_failures:
+                failed = f"{failures} failed samples in a row (the last: {b}); the rest of the file is not read"
+                break
         else:
             skipped.add("unreadable_shard", a)
+            failed = a
+    if hasattr(items, "close"):
+        items.close()  # stops the background thread of an abandoned file
+    del items  # a DataLoader iterator stops its worker processes when dropped
     flush()
     written = writer.close()
     seconds = time.perf_counter() - start
-    stats = {"input": str(shard), "output": written[0].name if written else None, "documents": documents,
-             "tokens": dict(counts), "skipped": skipped.as_dict(), "seconds": round(seconds, 3),
+    stats = {"input": str(path), "output": written[0].name if written else None, "documents": documents,
+             "tokens": dict(counts), "skipped": skipped.as_dict(), "failed": failed, "seconds": round(seconds, 3),
              "encoder_seconds": round(encoder.encoder_seconds - encoder_before, 3)}
-    write_json_atomic(out_dir / f"tokens-{shard.stem}.json", stats)
+    write_json_atomic(out_dir / f"tokens-{path.stem}.json", stats)
     return stats
-
-
-def tokenize(raw_dirs: list[str | Path], out_dir: str | Path, text_model: str | Path, vq_dir: str | Path,
-             geometry: Geometry | int, video_frames: int, rank: int = 0, world_size: int = 1, log=print,
-             workers: int = 0) -> dict:
-    """Tokenize every shard of `raw_dirs` whose index % world_size == rank; rank 0 merges the manifest.
-
-    `geometry` sizes images and frames (an int: square crops of that side); `workers` loader processes
-    decode media while this process encodes."""
-    geometry = as_geometry(geometry)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    text, visual = TextTokenizer(text_model), VisualTokenizer.from_pretrained(vq_dir)
-    layout = VocabLayout(text.vocab_size, visual.codebook_size)
-    fp = fingerprint(layout, text_model, vq_dir)
-    vocab_file = out_dir / "vocab.json"
-    previous = read_json(vocab_file)["fingerprint"] if vocab_file.exists() else fp
-    if previous != fp:
-        raise ValueError(f"{out_dir} holds token shards of another vocabulary (fingerprint {previous} != {fp}); "
-                         f"use a new output directory")
-    # where the tokenizers came from: `loom convert to-hf --format emu3` packs them with the model
-    write_json_atomic(vocab_file, {"layout": layout.to_dict(), "fingerprint": fp, "image_size": geometry.size,
-                                   "geometry": vars(geometry), "visual_tokenizer": str(Path(vq_dir).resolve())})
-    shutil.copy(text_model, out_dir / "text_tokenizer.model")
-    encoder = DocumentEncoder(text, visual, layout, geometry, video_frames)
-    shards = [s for d in raw_dirs for s in list_shards(d)]
-    start = time.time()
-    for i, shard in enumerate(shards):
-        if i % world_size != rank:
-            continue
-        if (out_dir / f"tokens-{shard.stem}.json").exists():
-            log(f"tokenize: {shard.name} already done, skipped")
-            continue
-        with torch.inference_mode():
-            stats = tokenize_shard(shard, out_dir, encoder, workers)
-        log(f"tokenize: [{i + 1}/{len(shards)}] {shard.name}: {stats['documents']} documents, "
-            f"{stats['tokens'].get('total', 0)} tokens, {stats['skipped']['total']} skipped, encoder busy "
-            f"{stats['encoder_seconds'] / max(stats['seconds'], 1e-9):.0%} ({time.time() - start:.0f}s)")
-    return merge_manifest(out_dir, [s.stem for s in shards], layout, fp) if rank == 0 else {}
-
-
-def merge_manifest(out_dir: Path, stems: list[str], layout: VocabLayout, fp: str) -> dict:
-    documents, tokens, skipped = 0, Counter(), Counter()
-    shards = []
-    for stem in stems:
-        stats = read_json(out_dir / f"tokens-{stem}.json")
-        documents += stats["documents"]
-        tokens.update(stats["tokens"])
-        skipped.update(stats["skipped"]["by_reason"])
-        if stats["output"]:
-            shards.append(stats["output"])
-    manifest = {"documents": documents, "tokens": dict(tokens), "skipped": dict(skipped),
-                "shards": shards, "fingerprint": fp, "layout": layout.to_dict()}
-    write_json_atomic(out_dir / "manifest.json", manifest)
-    return manifest

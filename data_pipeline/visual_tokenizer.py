@@ -168,7 +168,7 @@ class VisualTokenizer(torch.nn.Module):
 
     def encode_images(self, rgb: np.ndarray) -> np.ndarray:
         """(B, H, W, 3) uint8 images of one size -> codes (B, H/8, W/8)."""
-        return self.encode(to_pixels(rgb)[:, None])[:, 0].numpy()
+        return self.encode(to_pixels(rgb)[:, None].to(self.codebook.device))[:, 0].cpu().numpy()
 
     def encode_image(self, rgb: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 -> codes (H/8, W/8)."""
@@ -178,7 +178,7 @@ class VisualTokenizer(torch.nn.Module):
         """(T, H, W, 3) uint8, T a multiple of 4 -> codes (T/4, H/8, W/8)."""
         if len(frames) % self.temporal:
             raise ValueError(f"a clip needs a multiple of {self.temporal} frames, got {len(frames)}")
-        return self.encode(to_pixels(frames)[None])[0].numpy()
+        return self.encode(to_pixels(frames)[None].to(self.codebook.device))[0].cpu().numpy()
 
     def decode_image(self, codes: np.ndarray) -> np.ndarray:
         """codes (h, w) -> (8h, 8w, 3) uint8."""

@@ -60,7 +60,12 @@ def cmd_synth(args) -> int:
 def cmd_text_tokenizer(args) -> int:
     from data_pipeline.text_tokenizer import train_text_tokenizer
 
-    s = train_text_tokenizer(args.raw, args.out, args.vocab_size)
+    sources = []
+    if args.sources:
+        from data_pipeline.tokenize_config import build_sources
+
+        sources = build_sources(args.sources)
+    s = train_text_tokenizer(args.raw or [], args.out, args.vocab_size, sources=sources)
     print(f"text tokenizer: {s['vocab_size']} pieces from {s['sentences']} text segments "
           f"({s['skipped']['total']} samples skipped) -> {s['path']}")
     return 0
@@ -127,18 +132,30 @@ def cmd_vq_eval(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
+    from data_pipeline.tokenize_config import load_tokenize_config
+
+    from .torchrun import inside_torchrun, run_torchrun
+
+    from data_pipeline.sources import list_inputs
+
+    cfg = load_tokenize_config(args.config, args.overrides)  # fails before any process starts
+    for source in cfg.sources:
+        list_inputs(source)
+    if not inside_torchrun() and cfg.nproc_per_node > 1:
+        return run_torchrun((["--debug"] if args.debug else []) + ["data", "tokenize", args.config, *args.overrides],
+                            cfg.nproc_per_node)
     import torch
 
-    from data_pipeline.tokenize import tokenize
+    from data_pipeline.tokenize_job import run_tokenize
 
-    torch.set_num_threads(args.threads or os.cpu_count())
-    from data_pipeline.media import Geometry
-
-    geometry = Geometry(mode=args.mode, size=args.image_size, max_pixels=args.max_pixels)
-    m = tokenize(args.raw, args.out, args.text_tokenizer, args.visual_tokenizer, geometry, args.video_frames,
-                 workers=args.workers)
-    print(f"tokenize: {m['documents']} documents, tokens {m['tokens']}, skipped {m['skipped'] or 0}, "
-          f"fingerprint {m['fingerprint']} -> {args.out}")
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    m = run_tokenize(cfg, rank, world_size)
+    if rank == 0:
+        failed = f", {len(m['failed_shards'])} input files FAILED (see manifest)" if m["failed_shards"] else ""
+        print(f"tokenize: {m['documents']} documents from {len(m['sources'])} source(s) on {world_size} rank(s), "
+              f"tokens {m['tokens']}, skipped {m['skipped'] or 0}{failed}, fingerprint {m['fingerprint']} "
+              f"-> {cfg.out_dir}")
     return 0
 
 
@@ -302,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = data.add_parser("text-tokenizer", help="train the sentencepiece BPE text tokenizer on raw shards")
-    p.add_argument("--raw", nargs="+", required=True, help="raw shard directories")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--raw", nargs="+", help="Loom raw shard directories")
+    where.add_argument("--sources", help="a tokenize config (loom data tokenize): the texts of all its sources")
     p.add_argument("--out", required=True)
     p.add_argument("--vocab-size", type=int, default=512)
     p.set_defaults(func=cmd_text_tokenizer)
@@ -330,19 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(func=cmd_vq_eval)
 
-    p = data.add_parser("tokenize", help="raw shards -> token shards + manifest.json")
-    p.add_argument("--raw", nargs="+", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--text-tokenizer", required=True, help="sentencepiece .model file")
-    p.add_argument("--visual-tokenizer", required=True, help="Emu3VQVAE directory")
-    p.add_argument("--mode", choices=["crop", "budget"], default="crop",
-                   help="crop: square --image-size crops; budget: aspect ratio kept within --max-pixels")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--max-pixels", type=int, default=64 * 64)
-    p.add_argument("--video-frames", type=int, default=8)
-    p.add_argument("--workers", type=int, default=0, help="loader processes decoding media (0: a background "
-                   "thread of this process, the fastest on a few cores)")
-    p.add_argument("--threads", type=int, default=0)
+    p = data.add_parser("tokenize", help="input files of any format -> token shards + manifests "
+                        "(runs torchrun itself when nproc_per_node > 1)")
+    p.add_argument("config", help="YAML recipe, e.g. configs/tokenize/example.yaml (see `loom data tokenize "
+                   "--help` and README 'Point Loom at your data')")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. nproc_per_node=4")
     p.set_defaults(func=cmd_tokenize)
     return parser
 

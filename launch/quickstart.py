@@ -53,7 +53,7 @@ def learning_checks(summary: dict, codebook_size: int) -> list[tuple[str, bool]]
 def quickstart(out: str, docs: int, steps: int | None, vq_steps: int | None = None, force: bool = False) -> int:
     from data_pipeline.shapes import WorldSpec, write_world
     from data_pipeline.text_tokenizer import train_text_tokenizer
-    from data_pipeline.tokenize import tokenize
+    from data_pipeline.tokenize_job import tokenize
     from data_pipeline.vq_config import VQConfig, load_vq_config
     from data_pipeline.vq_train import train_vq
     from pretrain.config import build, load_config, load_tree

@@ -77,7 +77,7 @@ class ModelConfig:
 @dataclass
 class SourceConfig:
     path: str = doc("Directory of token shards (with manifest.json) written by `loom data tokenize`.")
-    weight: float = doc("Mixing weight: the share of documents drawn from this source.", 1.0)
+    weight: float = doc("Mixing weight: this source's share of the training tokens (weights are normalised).", 1.0)
 
 
 @dataclass

@@ -18,7 +18,7 @@ def world(tmp_path_factory):
     """Raw shards, tokenizers and token shards of a 160-document world (about 20 s on 2 cores)."""
     from data_pipeline.shapes import write_world
     from data_pipeline.text_tokenizer import train_text_tokenizer
-    from data_pipeline.tokenize import tokenize
+    from data_pipeline.tokenize_job import tokenize
     from data_pipeline.vq_config import load_vq_config
     from data_pipeline.vq_train import train_vq
 

@@ -90,6 +90,16 @@ def test_every_visual_tokenizer_recipe_loads_and_validates(recipe, tmp_path):
     assert cfg.data.raw == [str(tmp_path)] and cfg.model.codebook_size >= 256
 
 
+def test_the_tokenize_recipe_loads_and_validates(tmp_path):
+    from data_pipeline.tokenize_config import load_tokenize_config
+
+    (tmp_path / "t.model").write_bytes(b"")
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "tokenize" / "example.yaml"
+    cfg = load_tokenize_config(recipe, [f"text_tokenizer={tmp_path / 't.model'}", f"visual_tokenizer={tmp_path}"])
+    assert [s.format for s in cfg.sources] == ["image_text", "video_text", "interleaved", "text"]
+    assert cfg.sources[0].filters.geometry(cfg.geometry).min_side == 128 and cfg.geometry.mode == "budget"
+
+
 def test_visual_tokenizer_config_errors_name_the_field(tmp_path):
     from data_pipeline.vq_config import load_vq_config
 

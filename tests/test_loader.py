@@ -114,14 +114,66 @@ def test_resume_refuses_another_global_batch(source):
         other.load_state_dict(loader.state_dict())
 
 
-def test_mixing_weights_are_respected(source):
-    src, layout = source
-    heavy, light = Source("heavy", src.path, 3.0, src.shards), Source("light", src.path, 1.0, src.shards)
-    loader = TokenLoader([heavy, light], layout, 128, 8, 8, seed=1)
-    for _ in range(20):
-        loader.next_step()
-    drawn = {name: sum(s.next_doc[name] for s in loader.streams) for name in ("heavy", "light")}
-    assert 0.65 < drawn["heavy"] / (drawn["heavy"] + drawn["light"]) < 0.85
+def token_source(path, name, layout, docs, per_shard, weight=1.0):
+    """A token-shard source of the given documents (lists of text ids; bos and eos are added)."""
+    shards = []
+    for k in range(0, len(docs), per_shard):
+        with ShardWriter(path, f"tokens-{k // per_shard:03d}", max_count=None) as w:
+            for i, doc in enumerate(docs[k:k + per_shard]):
+                tokens = np.array([layout.bos, *doc, layout.eos], np.uint32)
+                w.write({"__key__": f"{k + i:06d}", "tokens.npy": npy_bytes(tokens),
+                         "spans.json": json.dumps([[1, len(tokens) - 1, "text"]]).encode()})
+        shards.append(f"tokens-{k // per_shard:03d}.tar")
+    return Source(name, path, weight, [path / s for s in shards], layout=layout)
+
+
+def test_mixing_shares_are_token_weights_within_2_percent(source, tmp_path):
+    """Weights 0.3/0.7 over sources of 20-token and 50-250-token documents: shares of 10^5 trained tokens."""
+    layout = source[1]
+    rng = np.random.default_rng(0)
+    short = token_source(tmp_path / "short", "short", layout, [[7] * 18] * 200, 50, weight=0.3)
+    lengths = rng.integers(50, 250, 200)
+    long = token_source(tmp_path / "long", "long", layout, [[9] * int(n) for n in lengths], 50, weight=0.7)
+    loader = TokenLoader([short, long], layout, 255, 8, 8, seed=1)
+    counts = {7: 0, 9: 0}
+    while sum(counts.values()) < 100_000:
+        targets = loader.next_step()[0]["targets"]
+        counts = {t: counts[t] + int((targets == t).sum()) for t in counts}
+    # each source's tokens, from its filler tokens (its documents' bos and eos carry no mark)
+    short_tokens, long_tokens = counts[7] * 20 / 18, counts[9] * (lengths + 2).sum() / lengths.sum()
+    share = short_tokens / (short_tokens + long_tokens)
+    assert abs(share - 0.3) < 0.02 * 0.3, share  # within 2% of the weight (relative)
+
+
+def documents_of(loaders, steps):
+    """Per stream: the ids (tokens 1-2 of each document) of the documents its rows hold, in order."""
+    streams = {}
+    for _ in range(steps):
+        for loader in loaders:
+            for stream, row in zip(loader.owned, (r for mb in loader.next_step() for r in zip(mb["tokens"],
+                                                                                                mb["targets"]))):
+                seq = streams.setdefault(stream, [int(row[0][0])])
+                seq += row[1].tolist()
+    layout = loaders[0].readers[0].layout
+    out = {}
+    for stream, seq in streams.items():
+        starts = [i for i, t in enumerate(seq) if t == layout.bos]
+        out[stream] = [(seq[i + 1], seq[i + 2]) for i in starts if i + 2 < len(seq)]
+    return out
+
+
+def test_every_document_exactly_once_per_epoch_across_two_data_parallel_ranks(source, tmp_path):
+    """96 documents of 16 tokens in 4 shards, 8 streams on 2 ranks, 16-token rows: an epoch is 12 steps."""
+    layout = source[1]
+    docs = [[1 + d // 50, 1 + d % 50] + [5] * 12 for d in range(96)]
+    src = token_source(tmp_path, "ids", layout, docs, 24)
+    loaders = [TokenLoader([src], layout, 16, 8, 2, dp_rank=rank, dp_size=2, seed=5) for rank in (0, 1)]
+    streams = documents_of(loaders, 24)
+    assert sorted(streams) == list(range(8)) and set(loaders[0].owned).isdisjoint(loaders[1].owned)
+    epochs = [[d for s in sorted(streams) for d in streams[s][12 * e:12 * (e + 1)]] for e in (0, 1)]
+    everything = sorted((1 + d // 50, 1 + d % 50) for d in range(96))
+    assert sorted(epochs[0]) == everything and sorted(epochs[1]) == everything  # each exactly once
+    assert epochs[0] != epochs[1]  # the second epoch visits the shards in another order
 
 
 def test_bad_token_samples_and_shards_are_skipped_and_counted(source, tmp_path, capsys):

@@ -95,6 +95,37 @@ def test_reader_names_the_broken_shard_and_keeps_earlier_samples(tmp_path):
         list_shards(tmp_path / "empty")
 
 
+def test_tar_codec_agrees_with_tarfile_and_webdataset(tmp_path):
+    """Shards Loom writes read with tarfile and webdataset; shards of GNU tar / pax (long names) read with Loom."""
+    import io
+    import tarfile
+
+    import webdataset as wds
+
+    with ShardWriter(tmp_path, "loom", max_count=None) as w:
+        for i in range(3):
+            w.write({"__key__": f"{i:03d}", "txt": f"text {i}", "json": {"i": i}, "bin": bytes(range(i * 100 % 256))})
+    with tarfile.open(tmp_path / "loom.tar") as tar:
+        assert tar.getnames()[:3] == ["000.bin", "000.json", "000.txt"] and tar.extractfile("001.txt").read() == b"text 1"
+    got = list(wds.WebDataset(str(tmp_path / "loom.tar"), shardshuffle=False, empty_check=False))
+    assert [s["__key__"] for s in got] == ["000", "001", "002"] and got[2]["json"] == b'{"i": 2}'
+    long_key = "k" * 120
+    for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT):
+        path = tmp_path / f"other-{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as tar:
+            directory = tarfile.TarInfo("shard")
+            directory.type = tarfile.DIRTYPE
+            tar.addfile(directory)
+            for key in ("a", long_key if fmt != tarfile.USTAR_FORMAT else "b"):
+                for ext, data in (("jpg", b"\xff" * 700), ("txt", "caption é".encode())):
+                    info = tarfile.TarInfo(f"shard/{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        samples = list(iter_samples(path))
+        assert [s["__key__"] for s in samples][0] == "a" and len(samples) == 2
+        assert all(s["jpg"] == b"\xff" * 700 and s["txt"] == "caption é".encode() for s in samples)
+
+
 def test_bad_samples_are_skipped_and_counted(tmp_path):
     with ShardWriter(tmp_path, "raw", max_count=None) as w:
         w.write(make_document(0, 0))

@@ -7,7 +7,7 @@ import pytest
 from conftest import copy_with_fingerprint
 from data_pipeline.shards import ShardWriter, iter_samples, npy_load, read_json
 from data_pipeline.shapes import make_document
-from data_pipeline.tokenize import tokenize
+from data_pipeline.tokenize_job import tokenize
 from data_pipeline.vocab import SPECIAL_TOKENS, VocabLayout, fingerprint
 
 

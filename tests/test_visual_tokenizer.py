@@ -292,7 +292,7 @@ def test_training_starts_from_released_weights(world, tmp_path):
 
 
 def test_tokenize_counts_bad_inputs_and_decoding_workers_keep_the_output(world, tmp_path):
-    from data_pipeline.tokenize import tokenize
+    from data_pipeline.tokenize_job import tokenize
 
     expected = write_bad_inputs(tmp_path / "raw")
     shutil.copy(world / "raw" / "raw-00000.tar", tmp_path / "raw" / "good.tar")

@@ -1,0 +1,206 @@
+"""The tokenize job: every source's input files -> token shards, on any number of ranks and nodes.
+
+The work list is every (source, input file) in config order; rank r of W takes items r, r + W, ...
+Each input file becomes its own output shard named after it (tokenize.py), so the output does
+not depend on W, and a rerun of the same command skips files whose `tokens-X.json` exists and
+redoes the rest (a killed rank leaves at most a `.tar.tmp`). Ranks talk only through the output
+directory (a shared filesystem on several nodes): exact-duplicate removal hashes each file into
+`OUT/<source>/hashes/`, and rank 0 waits for every file's counts before merging the manifests.
+
+Outputs: OUT/<source>/ (tokens-*.tar, tokens-*.json, manifest.json, vocab.json,
+text_tokenizer.model) per source, and OUT/manifest.json merged over sources.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .media import Geometry, as_geometry
+from .raw import SampleError
+from .shards import ShardError, read_json, write_json_atomic
+from .sources import content_hash, list_inputs, read_input
+from .text_tokenizer import TextTokenizer
+from .tokenize import DocumentEncoder, tokenize_shard
+from .tokenize_config import TokenizeConfig, TokenizeSource
+from .visual_tokenizer import VisualTokenizer
+from .vocab import VocabLayout, fingerprint
+
+POLL_SECONDS = 0.5
+
+
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    filled = round(width * done / max(total, 1))
+    return "#" * filled + "." * (width - filled) + f" {done}/{total}"
+
+
+def wait_for(paths: list[Path], what: str, log, every: float = 30.0) -> None:
+    """Block until every path exists (files other ranks write), logging how many are still missing."""
+    last = time.monotonic()
+    while missing := [p for p in paths if not p.exists()]:
+        if time.monotonic() - last > every:
+            log(f"tokenize: waiting for {len(missing)} {what} of other ranks (e.g. {missing[0].name})")
+            last = time.monotonic()
+        time.sleep(POLL_SECONDS)
+
+
+def prepare_output(out: Path, layout: VocabLayout, fp: str, cfg: TokenizeConfig, geometry: Geometry,
+                   rank: int) -> None:
+    """Refuse a directory of another vocabulary; rank 0 records the vocabulary and copies the text model."""
+    vocab_file = out / "vocab.json"
+    previous = read_json(vocab_file)["fingerprint"] if vocab_file.exists() else fp
+    if previous != fp:
+        raise ValueError(f"{out} holds token shards of another vocabulary (fingerprint {previous} != {fp}); "
+                         f"use a new output directory")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        # where the tokenizers came from: `loom convert to-hf --format emu3` packs them with the model
+        write_json_atomic(vocab_file, {"layout": layout.to_dict(), "fingerprint": fp, "image_size": geometry.size,
+                                       "geometry": vars(geometry),
+                                       "visual_tokenizer": str(Path(cfg.visual_tokenizer).resolve())})
+        shutil.copy(cfg.text_tokenizer, out / "text_tokenizer.model")
+
+
+def hash_file(source: TokenizeSource, path: Path, out: Path) -> Path:
+    """`hashes/X.npz`: keys and content hashes of input X's readable documents, in input order."""
+    target = out / "hashes" / f"{path.stem}.npz"
+    if not target.exists():
+        keys, hashes = [], []
+        try:
+            for item in read_input(source, path):
+                if not isinstance(item, SampleError):
+                    keys.append(item[0])
+                    hashes.append(content_hash(item[1]))
+        except ShardError:
+            pass  # the tokenize pass reads the same documents and reports the damage
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{path.stem}.tmp.npz")
+        np.savez(tmp, keys=np.array(keys, dtype=str), hashes=np.array(hashes, dtype=np.uint64))
+        tmp.replace(target)
+    return target
+
+
+def duplicates(files: list[Path], mine: list[Path]) -> dict[Path, frozenset]:
+    """Keys of each of `mine` whose content hash appeared earlier in `files` (all of a source's hash files,
+    in input order): every rank computes the same first occurrences."""
+    hashes = [np.load(f)["hashes"] for f in files]
+    flat = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    keep = np.zeros(len(flat), bool)
+    keep[np.unique(flat, return_index=True)[1]] = True
+    starts = np.concatenate([[0], np.cumsum([len(h) for h in hashes])])
+    out = {}
+    for i, f in enumerate(files):
+        if f in mine:
+            keys = np.load(f)["keys"]
+            out[f] = frozenset(keys[~keep[starts[i]:starts[i + 1]]].tolist())
+    return out
+
+
+def merge_source(out: Path, inputs: list[Path], layout: VocabLayout, fp: str) -> dict:
+    """The source's manifest.json (the loader reads it) from its files' counts."""
+    documents, tokens, skipped, shards, failed = 0, Counter(), Counter(), [], {}
+    for path in inputs:
+        stats = read_json(out / f"tokens-{path.stem}.json")
+        documents += stats["documents"]
+        tokens.update(stats["tokens"])
+        skipped.update(stats["skipped"]["by_reason"])
+        if stats["output"]:
+            shards.append(stats["output"])
+        if stats.get("failed"):
+            failed[path.name] = stats["failed"]
+    manifest = {"documents": documents, "tokens": dict(tokens), "skipped": dict(skipped), "failed_shards": failed,
+                "shards": shards, "fingerprint": fp, "layout": layout.to_dict()}
+    write_json_atomic(out / "manifest.json", manifest)
+    return manifest
+
+
+def encoder_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def run_tokenize(cfg: TokenizeConfig, rank: int = 0, world_size: int = 1, log=print, merged: bool = True) -> dict:
+    """This rank's share of the job; rank 0 then waits for the others and returns the merged manifest
+    (other ranks return {}). `merged=False` skips OUT/manifest.json (a single source written in place)."""
+    root = Path(cfg.out_dir)
+    text, visual = TextTokenizer(cfg.text_tokenizer), VisualTokenizer.from_pretrained(cfg.visual_tokenizer)
+    visual.to(encoder_device(cfg.device))
+    layout = VocabLayout(text.vocab_size, visual.codebook_size)
+    fp = fingerprint(layout, cfg.text_tokenizer, cfg.visual_tokenizer)
+    inputs = {src.name: list_inputs(src) for src in cfg.sources}
+    work = [(src, path) for src in cfg.sources for path in inputs[src.name]]
+    mine = work[rank::world_size]
+    for src in cfg.sources:
+        prepare_output(root / src.name, layout, fp, cfg, cfg.geometry, rank)
+    wait_for([root / src.name / "vocab.json" for src in cfg.sources], "vocabulary files", log)
+
+    drop: dict[tuple[str, Path], frozenset] = {}
+    for src in (s for s in cfg.sources if s.filters.dedup):
+        out = root / src.name
+        for s, path in mine:
+            if s is src:
+                hash_file(src, path, out)
+        files = [out / "hashes" / f"{p.stem}.npz" for p in inputs[src.name]]
+        wait_for(files, f"hash files of source '{src.name}'", log)
+        own = {out / "hashes" / f"{p.stem}.npz": p for s, p in mine if s is src}
+        for f, keys in duplicates(files, list(own)).items():
+            drop[(src.name, own[f])] = keys
+
+    encoders = {src.name: DocumentEncoder(text, visual, layout, src.filters.geometry(cfg.geometry), cfg.video_frames)
+                for src in cfg.sources}
+    start, documents = time.time(), 0
+    for n, (src, path) in enumerate(mine, 1):
+        out = root / src.name
+        if (out / f"tokens-{path.stem}.json").exists():
+            log(f"tokenize: [rank {rank}] {src.name}/{path.name} already done, skipped")
+            continue
+        with torch.inference_mode():
+            stats = tokenize_shard(src, path, out, encoders[src.name], cfg.workers, cfg.max_consecutive_failures,
+                                   drop.get((src.name, path), frozenset()))
+        documents += stats["documents"]
+        done = sum((root / s.name / f"tokens-{p.stem}.json").exists() for s, p in work)
+        failed = f", FAILED: {stats['failed']}" if stats["failed"] else ""
+        log(f"tokenize: [rank {rank}/{world_size}] {progress_bar(n, len(mine))} {src.name}/{path.name}: "
+            f"{stats['documents']} documents, {stats['tokens'].get('total', 0)} tokens, "
+            f"{stats['skipped']['total']} skipped, encoder busy "
+            f"{stats['encoder_seconds'] / max(stats['seconds'], 1e-9):.0%}{failed} | "
+            f"{documents / max(time.time() - start, 1e-9):.1f} docs/s | all ranks {progress_bar(done, len(work))}")
+    if rank != 0:
+        return {}
+    wait_for([root / s.name / f"tokens-{p.stem}.json" for s, p in work], "input files", log)
+    per_source = {src.name: merge_source(root / src.name, inputs[src.name], layout, fp) for src in cfg.sources}
+    if not merged:
+        return next(iter(per_source.values()))
+    total_tokens, skipped = Counter(), Counter()
+    for m in per_source.values():
+        total_tokens.update(m["tokens"])
+        skipped.update(m["skipped"])
+    manifest = {"documents": sum(m["documents"] for m in per_source.values()), "tokens": dict(total_tokens),
+                "skipped": dict(skipped), "fingerprint": fp, "layout": layout.to_dict(),
+                "failed_shards": {f"{name}/{k}": v for name, m in per_source.items()
+                                  for k, v in m["failed_shards"].items()},
+                "sources": {name: {k: m[k] for k in ("documents", "tokens", "skipped", "shards")}
+                            for name, m in per_source.items()}}
+    write_json_atomic(root / "manifest.json", manifest)
+    return manifest
+
+
+def tokenize(raw_dirs: list[str | Path], out_dir: str | Path, text_model: str | Path, vq_dir: str | Path,
+             geometry: Geometry | int, video_frames: int, rank: int = 0, world_size: int = 1, log=print,
+             workers: int = 0) -> dict:
+    """Loom raw-document shards of `raw_dirs` -> token shards in `out_dir` (one source, no merged manifest);
+    returns its manifest. `geometry` sizes images and frames (an int: square crops of that side)."""
+    out_dir = Path(out_dir)
+    cfg = TokenizeConfig(out_dir=str(out_dir.parent), text_tokenizer=str(text_model), visual_tokenizer=str(vq_dir),
+                         sources=[TokenizeSource(name=out_dir.name, format="loom", paths=[str(d) for d in raw_dirs])],
+                         geometry=as_geometry(geometry), video_frames=video_frames, workers=workers)
+    return run_tokenize(cfg, rank, world_size, log, merged=False)
