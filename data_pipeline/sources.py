@@ -100,6 +100,20 @@ def read_input(source: TokenizeSource, path: Path) -> Iterator[Document | Sample
                 yield e
 
 
+def documents_of(files: list[tuple[TokenizeSource, Path]], skipped) -> Iterator[Document]:
+    """(`file:key`, segments) of (source, input file) pairs; bad samples and unreadable files are counted
+    in `skipped` (a raw.SkipCounter)."""
+    for source, path in files:
+        try:
+            for item in read_input(source, path):
+                if isinstance(item, SampleError):
+                    skipped.add(item.reason, str(item))
+                else:
+                    yield f"{path.name}:{item[0]}", item[1]
+        except ShardError as e:
+            skipped.add("unreadable_shard", str(e))
+
+
 def media_caption_document(sample: dict, kind: str, source: TokenizeSource) -> list[Segment]:
     where = f"{sample['__shard__']}:{sample['__key__']}"
     extensions = IMAGE_EXTENSIONS if kind == "image" else VIDEO_EXTENSIONS

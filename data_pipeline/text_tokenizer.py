@@ -8,24 +8,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from .raw import SkipCounter, iter_documents
-
-
-def source_documents(sources, skipped: SkipCounter):
-    """Documents of tokenize sources of any format, bad samples counted in `skipped`."""
-    from .raw import SampleError
-    from .shards import ShardError
-    from .sources import list_inputs, read_input
-
-    for source in sources:
-        for path in list_inputs(source):
-            try:
-                for item in read_input(source, path):
-                    if isinstance(item, SampleError):
-                        skipped.add(item.reason, str(item))
-                    else:
-                        yield item
-            except ShardError as e:
-                skipped.add("unreadable_shard", str(e))
+from .sources import documents_of, list_inputs
 
 
 class TextTokenizer:
@@ -57,7 +40,11 @@ def train_text_tokenizer(raw_dirs: list[str | Path], out_dir: str | Path, vocab_
     out_dir.mkdir(parents=True, exist_ok=True)
     skipped = SkipCounter()
     sentences = []
-    for _, segments in (source_documents(sources, skipped) if sources else iter_documents(raw_dirs, skipped)):
+    if sources:
+        documents = documents_of([(src, path) for src in sources for path in list_inputs(src)], skipped)
+    else:
+        documents = iter_documents(raw_dirs, skipped)
+    for _, segments in documents:
         sentences += [s.text for s in segments if s.kind == "text" and s.text.strip()]
         if len(sentences) >= max_sentences:
             break

@@ -14,6 +14,7 @@ from transformers import Emu3VQVAEConfig
 from pretrain.config import ConfigError, build, doc, load_tree
 
 from .media import Geometry
+from .tokenize_config import TokenizeSource
 
 
 @dataclass
@@ -51,6 +52,10 @@ class CodebookConfig:
 class VQDataConfig:
     raw: list[str] = doc("Raw-document shard directories with the images and videos to train on.",
                          factory=list)
+    sources: list[TokenizeSource] = doc("Inputs in the formats `loom data tokenize` reads (img2dataset shards, "
+                                        "video-caption shards, interleaved rows; README 'Point Loom at your "
+                                        "data'), besides or instead of `raw`; their caption filters apply.",
+                                        factory=list)
     geometry: Geometry = doc("Size of images and video frames, and the limits that skip an input.",
                              factory=Geometry)
     scales: list[float] = doc("Each image and video is also used at these fractions of its size (multi-resolution "
@@ -105,8 +110,9 @@ class VQConfig:
 
 def validate_vq(cfg: VQConfig, world_size: int = 1) -> None:
     m, o, d = cfg.model, cfg.optim, cfg.data
-    if not d.raw:
-        raise ConfigError("data.raw: give at least one raw shard directory, e.g. data.raw=[runs/quickstart/raw]")
+    if not d.raw and not d.sources:
+        raise ConfigError("data.raw: give at least one raw shard directory, e.g. data.raw=[runs/quickstart/raw], "
+                          "or data.sources in any input format")
     for path in d.raw:
         if not Path(path).is_dir():
             raise ConfigError(f"data.raw: directory not found: {path}")

@@ -33,8 +33,10 @@ from pretrain.config import dump_yaml
 from pretrain.metrics import MetricsLogger
 
 from .media import MediaError, decode_image, read_video
-from .raw import SkipCounter, iter_shard_documents
-from .shards import list_shards, write_json_atomic
+from .raw import SkipCounter
+from .shards import write_json_atomic
+from .sources import documents_of, list_inputs
+from .tokenize_config import TokenizeSource
 from .visual_tokenizer import VisualTokenizer, psnr, to_pixels
 from .vq_config import VQConfig
 from .vq_eval import Reconstructions, code_statistics
@@ -43,14 +45,16 @@ from .vq_eval import Reconstructions, code_statistics
 def load_clips(cfg: VQConfig, rank: int, world_size: int, skipped: SkipCounter) -> dict[tuple, list[torch.Tensor]]:
     """This rank's images (1, 3, H, W) and videos (T, 3, H, W), keyed by shape (T, H, W)."""
     d = cfg.data
-    shards = [s for directory in d.raw for s in list_shards(directory)]
-    mine = [s for i, s in enumerate(shards) if i % world_size == rank]
+    sources = ([TokenizeSource(name="raw", format="loom", paths=list(d.raw))] if d.raw else []) + list(d.sources)
+    files = [(src, path) for src in sources for path in list_inputs(src)]
+    mine = files[rank::world_size]
     if not mine:
-        raise ValueError(f"rank {rank}: no shards to read ({len(shards)} shards in {d.raw} for {world_size} "
-                         f"processes); use fewer processes or more shards")
+        raise ValueError(f"rank {rank}: no input files to read ({len(files)} in {d.raw or ''} "
+                         f"{' '.join(s.name for s in d.sources)} for {world_size} processes); use fewer processes "
+                         f"or more files")
     buckets: dict[tuple, list] = defaultdict(list)
     count = 0
-    for where, segments in iter_shard_documents(mine, skipped):
+    for where, segments in documents_of(mine, skipped):
         for seg in segments:
             try:
                 if seg.kind == "image":
@@ -69,7 +73,7 @@ def load_clips(cfg: VQConfig, rank: int, world_size: int, skipped: SkipCounter) 
         if count >= d.max_clips:
             break
     if not buckets:
-        raise ValueError(f"rank {rank}: no usable image or video in {', '.join(s.name for s in mine)} "
+        raise ValueError(f"rank {rank}: no usable image or video in {', '.join(p.name for _, p in mine)} "
                          f"(skipped: {dict(skipped.by_reason)})")
     return buckets
 

@@ -157,6 +157,20 @@ def test_every_reader_on_its_format(world, tmp_path):
     assert result.returncode == 0 and "from 25 text segments" in result.stdout, result.stderr[-2000:]
 
 
+def test_visual_tokenizer_trains_on_img2dataset_and_video_shards(tmp_path):
+    from data_pipeline.vq_config import load_vq_config
+    from data_pipeline.vq_train import train_vq
+
+    write_inputs(tmp_path / "in")
+    sources = (f"[{{name: laion, format: image_text, paths: [{tmp_path / 'in' / 'laion'}]}}, "
+               f"{{name: webvid, format: video_text, paths: [{tmp_path / 'in' / 'webvid'}]}}]")
+    cfg = load_vq_config(None, [f"out_dir={tmp_path / 'vq'}", f"data.sources={sources}", "model.codebook_size=64",
+                                "optim.steps=2", "optim.batch_size=4", "data.eval_clips=2",
+                                "logging.tensorboard=false"])
+    summary = train_vq(cfg, log=QUIET)
+    assert summary["steps"] == 2 and summary["clips"] == 12 + 3 - 2 and summary["skipped"]["total"] == 0
+
+
 def zero_frame_video() -> bytes:
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as out:

@@ -82,7 +82,9 @@ def test_bad_input_gives_one_line_errors(world, tmp_path):
     assert "data.sources.shapes.path: directory not found" in missing.stderr and "Traceback" not in missing.stderr
     typo = run_loom("train", REPO / "configs" / "tiny.yaml", "optimizer.lrr=1")
     assert typo.returncode != 0 and "did you mean 'optimizer.lr'" in typo.stderr and "Traceback" not in typo.stderr
-    no_raw = run_loom("data", "tokenize", "--raw", tmp_path / "empty", "--out", tmp_path / "t",
-                      "--text-tokenizer", world / "tok" / "text_tokenizer.model", "--visual-tokenizer", world / "tok" / "vq")
-    assert no_raw.returncode != 0 and "data directory not found" in no_raw.stderr
+    tok = world / "tok"
+    tokenizers = [f"text_tokenizer={tok / 'text_tokenizer.model'}", f"visual_tokenizer={tok / 'vq'}"]
+    no_raw = run_loom("data", "tokenize", REPO / "configs" / "tokenize" / "example.yaml", f"out_dir={tmp_path / 't'}",
+                      *tokenizers)
+    assert no_raw.returncode != 0 and "source 'laion': no .tar files in /data/laion/*.tar" in no_raw.stderr
     assert len(no_raw.stderr.strip().splitlines()) == 1
