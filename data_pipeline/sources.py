@@ -9,8 +9,9 @@ damage are still delivered).
 - `image_text`: webdataset shards as img2dataset writes them: `KEY.jpg|png|webp` with `KEY.txt`
   and/or `KEY.json` (caption in `caption_field`).
 - `video_text`: the same with `KEY.mp4|webm|mkv|avi|mov` (WebVid-style shards).
-- `interleaved`: OBELICS-style `.jsonl` or `.parquet` rows with parallel lists `texts` and
-  `images`; at each position exactly one is not null. Images are paths, bytes, base64 text or
+- `interleaved`: `.jsonl` or `.parquet` rows. OBELICS layout: parallel lists `texts` and `images`;
+  at each position exactly one is not null. MMC4 layout: `text_list` and `image_info` entries with
+  `matched_text_index` (the image goes before that text). Images are paths, bytes, base64 text or
   `{"bytes": ..., "path": ...}` (what Hugging Face datasets store in parquet).
 - `text`: `.jsonl` (one document per row, `text_field`) or `.txt` (per file, paragraph or line).
 """
@@ -33,6 +34,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov")
 INPUT_SUFFIXES = {"loom": (".tar",), "image_text": (".tar",), "video_text": (".tar",),
                   "interleaved": (".jsonl", ".parquet"), "text": (".jsonl", ".txt")}
+
+MMC4_COLUMNS = ["text_list", "image_info"]
 
 Document = tuple[str, list[Segment]]
 
@@ -80,8 +83,8 @@ def read_input(source: TokenizeSource, path: Path) -> Iterator[Document | Sample
             except SampleError as e:
                 yield e
     elif source.format == "interleaved":
-        rows = parquet_rows(path, [source.texts_field, source.images_field]) if path.suffix == ".parquet" \
-            else jsonl_rows(path)
+        columns = [source.texts_field, source.images_field] if source.layout == "obelics" else MMC4_COLUMNS
+        rows = parquet_rows(path, columns) if path.suffix == ".parquet" else jsonl_rows(path)
         root = Path(source.image_root) if source.image_root else path.parent
         for i, row in enumerate(rows):
             try:
@@ -202,6 +205,8 @@ def parquet_rows(path: Path, columns: list[str]) -> Iterator[dict]:
 def interleaved_document(row: dict | SampleError, source: TokenizeSource, root: Path, where: str) -> list[Segment]:
     if isinstance(row, SampleError):
         raise row
+    if source.layout == "mmc4":
+        return mmc4_document(row, root, where)
     texts, images = row.get(source.texts_field), row.get(source.images_field)
     if not isinstance(texts, list) or not isinstance(images, list):
         raise SampleError(where, "bad_row", f"fields '{source.texts_field}' and '{source.images_field}' "
@@ -219,6 +224,30 @@ def interleaved_document(row: dict | SampleError, source: TokenizeSource, root: 
             segments.append(Segment("text", text=text))
         elif image is not None:
             segments.append(Segment("image", data=image_bytes(image, root, f"{where}: {source.images_field}[{i}]")))
+    if not segments:
+        raise SampleError(where, "no_segments", "the row has no text and no image")
+    return segments
+
+
+def mmc4_document(row: dict, root: Path, where: str) -> list[Segment]:
+    texts, infos = row.get("text_list"), row.get("image_info")
+    if not isinstance(texts, list) or not isinstance(infos, list):
+        raise SampleError(where, "bad_row", "fields 'text_list' and 'image_info' must both be lists")
+    before: dict[int, list[dict]] = {}
+    for k, info in enumerate(infos):
+        index = info.get("matched_text_index") if isinstance(info, dict) else None
+        if not isinstance(index, int) or not 0 <= index < len(texts):
+            raise SampleError(where, "mismatched_lists", f"image_info[{k}].matched_text_index={index!r} is not an "
+                                                         f"index of text_list ({len(texts)} texts)")
+        before.setdefault(index, []).append(info)
+    segments = []
+    for i, text in enumerate(texts):
+        for info in before.get(i, []):
+            image = info.get("image_base64") or info.get("image_name")
+            segments.append(Segment("image", data=image_bytes(image, root, f"{where}: image_info of text {i}")))
+        if not isinstance(text, str):
+            raise SampleError(where, "bad_row", f"text_list[{i}] is not a string")
+        segments.append(Segment("text", text=text))
     if not segments:
         raise SampleError(where, "no_segments", "the row has no text and no image")
     return segments

@@ -52,6 +52,10 @@ class TokenizeSource:
     image_first_fraction: float = doc("image_text/video_text: share of pairs laid out media-then-caption "
                                       "(captioning) instead of caption-then-media (generation); chosen per "
                                       "sample from a hash of its key, so reruns agree.", 0.0)
+    layout: str = doc("interleaved: 'obelics' (parallel lists `texts_field` / `images_field`, null where the other "
+                      "modality sits) or 'mmc4' (`text_list` and `image_info` entries with `matched_text_index`, "
+                      "each image placed before its matched text; bytes from `image_base64`, else the file "
+                      "`image_name`).", "obelics")
     texts_field: str = doc("interleaved: the list of texts (null where an image sits).", "texts")
     images_field: str = doc("interleaved: the list of images (null where a text sits): a path (relative to "
                             "image_root, else to the input file), bytes, base64 text, or {bytes, path}.", "images")
@@ -102,6 +106,8 @@ def validate_tokenize(cfg: TokenizeConfig) -> None:
             raise ConfigError(f"{where}.format='{src.format}': use one of {', '.join(FORMATS)}")
         if not src.paths:
             raise ConfigError(f"{where}.paths: give input files, directories or glob patterns")
+        if src.layout not in ("obelics", "mmc4"):
+            raise ConfigError(f"{where}.layout='{src.layout}': use obelics or mmc4")
         if src.txt_document not in ("file", "paragraph", "line"):
             raise ConfigError(f"{where}.txt_document='{src.txt_document}': use file, paragraph or line")
         if not 0 <= src.image_first_fraction <= 1:

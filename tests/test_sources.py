@@ -91,6 +91,11 @@ def write_inputs(root, shards=2, per_shard=6):
                       "images": [[None, {"bytes": picture(2), "path": "x.png"}], [{"bytes": picture(3), "path": None},
                                                                                    None]]})
     pq.write_table(table, root / "obelics" / "part-1.parquet")
+    (root / "mmc4").mkdir()
+    (root / "mmc4" / "docs.jsonl").write_text(json.dumps({
+        "url": "http://example.com/page", "text_list": ["First sentence.", "Second sentence."],
+        "image_info": [{"image_name": "a.png", "matched_text_index": 1, "matched_sim": 0.3}]}) + "\n")
+    (root / "mmc4" / "a.png").write_bytes(picture(1))
     (root / "text").mkdir()
     (root / "text" / "web.jsonl").write_text(json.dumps({"text": "one web page"}) + "\n" +
                                              json.dumps({"text": "another page", "url": "u"}) + "\n")
@@ -98,6 +103,7 @@ def write_inputs(root, shards=2, per_shard=6):
     return [{"name": "laion", "format": "image_text", "paths": [str(root / "laion")]},
             {"name": "webvid", "format": "video_text", "paths": [str(root / "webvid" / "*.tar")]},
             {"name": "obelics", "format": "interleaved", "paths": [str(root / "obelics")]},
+            {"name": "mmc4", "format": "interleaved", "layout": "mmc4", "paths": [str(root / "mmc4")]},
             {"name": "text", "format": "text",
              "paths": [str(root / "text" / "web.jsonl"), str(root / "text" / "book.txt")]}]
 
@@ -125,8 +131,9 @@ def test_every_reader_on_its_format(world, tmp_path):
     cfg = load_tokenize_config(write_config(tmp_path / "tok.yaml", world, tmp_path / "out", sources))
     m = run_tokenize(cfg, log=QUIET)
     assert m["skipped"] == {} and m["failed_shards"] == {}
-    assert {k: v["documents"] for k, v in m["sources"].items()} == {"laion": 12, "webvid": 3, "obelics": 4, "text": 5}
-    assert m["documents"] == 24 and set(m["tokens"]) == {"text", "image", "video", "total"}
+    assert {k: v["documents"] for k, v in m["sources"].items()} == {"laion": 12, "webvid": 3, "obelics": 4, "mmc4": 1,
+                                                                     "text": 5}
+    assert m["documents"] == 25 and set(m["tokens"]) == {"text", "image", "video", "total"}
     text = TextTokenizer(world / "tok" / "text_tokenizer.model")
     layout = VocabLayout.from_dict(m["layout"])
 
@@ -148,13 +155,15 @@ def test_every_reader_on_its_format(world, tmp_path):
         [("text", "An article."), ("image", None), ("text", "It goes on.")],
         [("image", None), ("text", "A caption under it.")],
         [("text", "Parquet text first."), ("image", None)], [("image", None), ("text", "then an image first")]])
+    mmc4 = [segments(*d) for d in documents(tmp_path / "out" / "mmc4").values()]
+    assert mmc4 == [[("text", "First sentence."), ("image", None), ("text", "Second sentence.")]]
     texts = sorted(segments(*d)[0][1] for d in documents(tmp_path / "out" / "text").values())
     assert texts == sorted(["one web page", "another page", "First paragraph still first.", "Second paragraph.",
                             "Third."])
     assert read_json(tmp_path / "out" / "laion" / "manifest.json")["fingerprint"] == m["fingerprint"]
     result = run_loom("data", "text-tokenizer", "--sources", tmp_path / "tok.yaml", "--out", tmp_path / "sp",
                       "--vocab-size", "300")
-    assert result.returncode == 0 and "from 25 text segments" in result.stdout, result.stderr[-2000:]
+    assert result.returncode == 0 and "from 27 text segments" in result.stdout, result.stderr[-2000:]
 
 
 def test_visual_tokenizer_trains_on_img2dataset_and_video_shards(tmp_path):
@@ -271,7 +280,7 @@ def test_three_ranks_and_a_killed_run_write_the_same_shards_as_one_process(world
         return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.glob("*/tokens-*.tar"))}
 
     expected = shards(tmp_path / "one")
-    assert len(expected) == 10 + 1 + 2 + 2
+    assert len(expected) == 10 + 1 + 2 + 1 + 2
     result = run_loom("data", "tokenize", config, f"out_dir={tmp_path / 'three'}", "nproc_per_node=3")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[rank 2/3]" in result.stderr + result.stdout and "all ranks" in result.stderr + result.stdout
