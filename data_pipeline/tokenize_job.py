@@ -167,7 +167,7 @@ def run_tokenize(cfg: TokenizeConfig, rank: int = 0, world_size: int = 1, log=pr
             stats = tokenize_shard(src, path, out, encoders[src.name], cfg.workers, cfg.max_consecutive_failures,
                                    drop.get((src.name, path), frozenset()))
         documents += stats["documents"]
-        done = sum((root / s.name / f"tokens-{p.stem}.json").exists() for s, p in work)
+        done = sum(len(list((root / s.name).glob("tokens-*.json"))) for s in cfg.sources)  # one listing each
         failed = f", FAILED: {stats['failed']}" if stats["failed"] else ""
         log(f"tokenize: [rank {rank}/{world_size}] {progress_bar(n, len(mine))} {src.name}/{path.name}: "
             f"{stats['documents']} documents, {stats['tokens'].get('total', 0)} tokens, "
