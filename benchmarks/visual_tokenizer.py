@@ -21,7 +21,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline.media import decode_image  # noqa: E402
-from data_pipeline.raw import SkipCounter, iter_documents  # noqa: E402
+from data_pipeline.raw import SkipCounter  # noqa: E402
+from data_pipeline.sources import iter_documents  # noqa: E402
 from data_pipeline.shapes import WorldSpec, write_world  # noqa: E402
 from data_pipeline.visual_tokenizer import to_pixels  # noqa: E402
 from data_pipeline.vq_config import load_vq_config  # noqa: E402

@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-
-from .shards import ShardError, iter_samples, list_shards
 
 SEGMENT_KINDS = ("text", "image", "video")
 
@@ -85,21 +81,3 @@ def parse_document(sample: dict) -> list[Segment]:
                                                             f"'{member}', which the sample lacks")
             out.append(Segment(kind, data=sample[member]))
     return out
-
-
-def iter_documents(directories: Iterable[str | Path], skipped: SkipCounter) -> Iterator[tuple[str, list[Segment]]]:
-    """(`shard:key`, segments) for every readable document of every shard in `directories`."""
-    return iter_shard_documents([shard for directory in directories for shard in list_shards(directory)], skipped)
-
-
-def iter_shard_documents(shards: Iterable[Path], skipped: SkipCounter) -> Iterator[tuple[str, list[Segment]]]:
-    """(`shard:key`, segments) for every readable document of the given shards."""
-    for shard in shards:
-        try:
-            for sample in iter_samples(shard):
-                try:
-                    yield f"{shard.name}:{sample['__key__']}", parse_document(sample)
-                except SampleError as e:
-                    skipped.add(e.reason, str(e))
-        except ShardError as e:
-            skipped.add("unreadable_shard", str(e))

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .raw import SampleError, Segment, parse_document
-from .shards import ShardError, iter_samples
+from .shards import ShardError, iter_samples, list_shards
 from .tokenize_config import TokenizeSource
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -115,6 +115,12 @@ def documents_of(files: list[tuple[TokenizeSource, Path]], skipped) -> Iterator[
                     yield f"{path.name}:{item[0]}", item[1]
         except ShardError as e:
             skipped.add("unreadable_shard", str(e))
+
+
+def iter_documents(directories, skipped) -> Iterator[Document]:
+    """(`shard:key`, segments) of every readable document of Loom raw-shard directories."""
+    source = TokenizeSource(name="raw", format="loom")
+    return documents_of([(source, shard) for directory in directories for shard in list_shards(directory)], skipped)
 
 
 def media_caption_document(sample: dict, kind: str, source: TokenizeSource) -> list[Segment]:

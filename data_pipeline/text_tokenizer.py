@@ -7,8 +7,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .raw import SkipCounter, iter_documents
-from .sources import documents_of, list_inputs
+from .raw import SkipCounter
+from .sources import documents_of, iter_documents, list_inputs
 
 
 class TextTokenizer:

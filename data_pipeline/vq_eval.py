@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from .media import Geometry, MediaError, decode_image, read_video
-from .raw import SkipCounter, iter_documents
+from .raw import SkipCounter
+from .sources import iter_documents
 from .visual_tokenizer import VisualTokenizer, psnr, to_pixels
 
 

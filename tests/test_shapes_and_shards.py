@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from data_pipeline.media import MediaError, decode_image, decode_video, encode_mp4
-from data_pipeline.raw import SampleError, SkipCounter, iter_documents, parse_document
+from data_pipeline.raw import SampleError, SkipCounter, parse_document
+from data_pipeline.sources import iter_documents
 from data_pipeline.shapes import COLORS, make_document, render, write_world
 from data_pipeline.shards import ShardError, ShardWriter, iter_samples, list_shards
 
