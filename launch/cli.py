@@ -31,6 +31,43 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_launch(args) -> int:
+    import uuid
+
+    from pretrain.config import TrainConfig, build, load_tree, validate
+
+    from .cluster import Launch, passed_env, read_hostfile, run_all, sbatch_script, shell_line, ssh_commands
+    from .torchrun import check_sources
+
+    cfg = build(TrainConfig, load_tree(args.config, args.overrides))
+    hosts = read_hostfile(args.hostfile) if args.hostfile else []
+    slots = {s for _, s in hosts if s is not None}
+    if len(slots) > 1:
+        raise UserError(f"{args.hostfile}: hosts have different slots {sorted(slots)}; Loom needs the same number "
+                        f"of processes on every node")
+    nnodes = len(hosts) or args.nnodes
+    nproc = args.nproc_per_node or (slots.pop() if slots else cfg.parallel.nproc_per_node)
+    validate(cfg, world_size=nnodes * nproc)  # fails before any node starts
+    endpoint = args.rdzv_endpoint or (f"{hosts[0][0]}:{args.port}" if hosts else None)
+    if endpoint is None and nnodes > 1 and not args.slurm:
+        raise UserError("--rdzv-endpoint HOST:PORT is needed with --nnodes > 1: a host of one of the nodes, reachable "
+                        "from all, and a free port (or use --slurm or --hostfile)")
+    launch = Launch(args.config, args.overrides, nnodes, nproc, endpoint or f"localhost:{args.port}", args.node_rank,
+                    args.max_restarts, args.run_id or uuid.uuid4().hex[:12])
+    if args.slurm:
+        print(sbatch_script(launch, args.port, args.job_name, args.time, args.partition,
+                            nproc if args.gpus_per_node is None else args.gpus_per_node, args.cpus_per_task,
+                            args.slurm_output), end="")
+        return 0
+    commands = ssh_commands(launch, [h for h, _ in hosts]) if hosts else [launch.torchrun()]
+    if args.dry_run:
+        for cmd in commands:
+            print(shell_line(cmd) if hosts else shell_line(cmd, passed_env()))
+        return 0
+    check_sources(cfg)
+    return run_all(commands)
+
+
 def cmd_config(args) -> int:
     from pretrain.config import describe, load_config, to_dict
 
@@ -247,6 +284,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML recipe, e.g. configs/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=3e-4")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("launch", help="train on one or many nodes: torchrun with a c10d rendezvous, an sbatch "
+                       "script (--slurm), or ssh to every host of a hostfile")
+    p.add_argument("config", help="YAML recipe")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=8")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes (with --hostfile: its hosts)")
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="processes (GPUs) per node (default: the hostfile's slots, else parallel.nproc_per_node)")
+    p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT where the nodes meet (c10d rendezvous)")
+    p.add_argument("--node-rank", type=int, default=None, help="this node's rank (optional with c10d)")
+    p.add_argument("--max-restarts", type=int, default=0, help="times torchrun restarts the group after a failure")
+    p.add_argument("--run-id", default=None, help="rendezvous id (default: random; SLURM: the job id)")
+    p.add_argument("--port", type=int, default=29500, help="rendezvous port with --slurm / --hostfile")
+    p.add_argument("--dry-run", action="store_true", help="print the command(s) instead of running them")
+    p.add_argument("--hostfile", default=None, help="'host [slots=N]' per line: start one torchrun per host over ssh")
+    p.add_argument("--slurm", action="store_true", help="print an sbatch script: srun starts one torchrun per node")
+    p.add_argument("--job-name", default="loom", help="--slurm: job name")
+    p.add_argument("--time", default="", help="--slurm: time limit, e.g. 48:00:00")
+    p.add_argument("--partition", default="", help="--slurm: partition")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="--slurm: GPUs per node (default: --nproc-per-node)")
+    p.add_argument("--cpus-per-task", type=int, default=0, help="--slurm: CPUs per node task")
+    p.add_argument("--slurm-output", default="slurm-%j.out", help="--slurm: log file pattern")
+    p.set_defaults(func=cmd_launch)
 
     convert = sub.add_parser("convert", help="Loom checkpoints <-> Hugging Face directories").add_subparsers(
         dest="convert_command", required=True, metavar="DIRECTION")
