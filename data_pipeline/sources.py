@@ -49,12 +49,12 @@ def list_inputs(source: TokenizeSource) -> list[Path]:
         if any(c in pattern for c in "*?["):
             matched = sorted(Path(p) for p in glob.glob(pattern))
         elif path.is_dir():
-            matched = sorted(p for p in path.iterdir() if p.suffix in suffixes)
+            matched = sorted(path.iterdir())
         elif path.is_file():
             matched = [path]
         else:
             raise ShardError(f"source '{source.name}': {pattern} not found")
-        matched = [p for p in matched if p.suffix in suffixes]
+        matched = [p for p in matched if p.suffix in suffixes]  # a glob or directory may hold other files
         if not matched:
             raise ShardError(f"source '{source.name}': no {'/'.join(suffixes)} files in {pattern}")
         files += matched
