@@ -88,23 +88,65 @@ def remove_incomplete(root: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def estimated_bytes(cfg: TrainConfig) -> int:
+    """A checkpoint's size before the first one exists: the weights in the training precision plus fp32
+    master weights and Adam's two moments (what DeepSpeed writes), for the padded vocabulary."""
+    from pretrain.flops import param_counts
+
+    m = cfg.model
+    params = param_counts(m)["total"] + 2 * (m.padded_vocab_size - m.vocab_size) * m.dim
+    return params * ((2 if cfg.parallel.bf16 else 4) + 12)
+
+
+def ensure_space(run_dir: str | Path, cfg: TrainConfig, what: str) -> None:
+    """Collective: raise CheckpointError on every rank when the filesystem of the checkpoints lacks room for
+    one more checkpoint (sized as the newest one, else estimated), before anything is written."""
+    root = checkpoint_dir(run_dir)
+    problem = [None]
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        tag = latest_tag(run_dir)
+        needed = folder_bytes(root / tag) if tag else estimated_bytes(cfg)
+        free = shutil.disk_usage(root).free
+        if free < needed:
+            problem[0] = (f"not enough disk for {what}: a checkpoint takes {needed / 2 ** 30:.2f} GiB "
+                          f"({'the size of ' + tag if tag else 'estimated from the model'}), {root} has "
+                          f"{free / 2 ** 30:.2f} GiB free; free space or set out_dir on a larger filesystem"
+                          + (f" ({tag} and latest are intact)" if tag else ""))
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise CheckpointError(problem[0])
+
+
 def save(engine, run_dir: str | Path, state: TrainState, cfg: TrainConfig, keep_last: int, loader) -> str:
+    """Collective. A failure to write on any rank (a full disk, a quota) removes the partial checkpoint and
+    raises CheckpointError on every rank; the previous checkpoint and `latest` stay as they were."""
     root = checkpoint_dir(run_dir)
     tag = tag_for(state.step)
     folder = root / tag
     rank, world = dist.get_rank(), dist.get_world_size()
+    ensure_space(run_dir, cfg, f"the checkpoint of step {state.step}")
     if rank == 0:
         remove_incomplete(root)  # leftovers of a save that was killed, this step's included
     loader_states = [None] * world if rank == 0 else None
     dist.gather_object(loader.state_dict(), loader_states, dst=0)
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    torch.save(state.per_rank(), folder / f"loom_rank{rank:05d}.pt")
-    if rank == 0:
-        shared = {**state.shared(), "layout": layout_record(cfg, world)}
-        (folder / "loom_state.json").write_text(json.dumps(shared, indent=2))
-        (folder / "data_state.json").write_text(json.dumps(merge_states(loader_states)))
-        dump_yaml(cfg, folder / "config.yaml")
+    faults.maybe_fill_disk(state.step, rank)
+    error = write_files(engine, root, folder, state, cfg, loader_states)
     faults.maybe_fail("save", state.step, rank)
+    errors = [None] * world
+    dist.all_gather_object(errors, None if error is None else f"rank {rank}: {error}")
+    if any(errors):
+        previous = latest_tag(run_dir)
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        dist.barrier()
+        kept = f"The previous checkpoint {previous} and latest are" if previous else "Nothing else was"
+        raise CheckpointError(f"saving {folder} failed ({'; '.join(e for e in errors if e)}); removed it. {kept} "
+                              f"left as they were. Free space or a larger quota on {root}, then rerun to resume")
     dist.barrier()
     write_manifest(folder)
     if rank == 0:
@@ -113,6 +155,50 @@ def save(engine, run_dir: str | Path, state: TrainState, cfg: TrainConfig, keep_
             shutil.rmtree(root / old, ignore_errors=True)
     dist.barrier()
     return tag
+
+
+def write_files(engine, root: Path, folder: Path, state: TrainState, cfg: TrainConfig, loader_states) -> str | None:
+    """This rank's files of the checkpoint; the error (a full disk, a quota) instead of raising it."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        engine.save_checkpoint(str(root), tag=tag_for(state.step), save_latest=False)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        dist.barrier()  # DeepSpeed's save ends with a barrier, which the exception skipped on this rank
+        return write_error(e, folder)
+    try:
+        torch.save(state.per_rank(), folder / f"loom_rank{rank:05d}.pt")
+        if rank == 0:
+            shared = {**state.shared(), "layout": layout_record(cfg, world)}
+            (folder / "loom_state.json").write_text(json.dumps(shared, indent=2))
+            (folder / "data_state.json").write_text(json.dumps(merge_states(loader_states)))
+            dump_yaml(cfg, folder / "config.yaml")
+    except (OSError, RuntimeError) as e:
+        return write_error(e, folder)
+    return None
+
+
+def write_error(error: Exception, folder: Path) -> str:
+    """The OS's words for a failed write ("No space left on device", "File too large"): torch.save's error
+    hides the errno, so write a 1 MiB probe file the same way and report what that says."""
+    words = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    probe = folder / f".probe_{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(bytes(2 ** 20))
+    except OSError as os_error:
+        return f"{os_error.strerror} ({words})"
+    finally:
+        probe.unlink(missing_ok=True)
+    return words
+
+
+def tag_before(run_dir: str | Path, batch: int) -> str | None:
+    """The newest complete checkpoint saved before global batch `batch` was drawn."""
+    for tag in reversed(complete_tags(run_dir)):
+        shared = json.loads((checkpoint_dir(run_dir) / tag / "loom_state.json").read_text())
+        if shared.get("batches", shared["step"]) < batch:
+            return tag
+    return None
 
 
 def check_architecture(folder: Path, cfg: TrainConfig) -> None:

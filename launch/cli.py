@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
+import signal
 import sys
 import warnings
 
@@ -24,7 +26,7 @@ def cmd_train(args) -> int:
         validate(cfg, world_size=cfg.parallel.nproc_per_node)
         check_sources(cfg)
         return run_torchrun((["--debug"] if args.debug else []) + ["train", args.config, *args.overrides],
-                            cfg.parallel.nproc_per_node)
+                            cfg.parallel.nproc_per_node, cfg.out_dir)
     from pretrain.train import train
 
     train(load_config(args.config, args.overrides))
@@ -40,6 +42,9 @@ def cmd_launch(args) -> int:
     from .torchrun import check_sources
 
     cfg = build(TrainConfig, load_tree(args.config, args.overrides))
+    # Workers of a restarted group must not share the rendezvous store with the group they replace: its keys
+    # (the dead workers' gloo/NCCL addresses) make the new group connect to dead peers and fail or hang.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     hosts = read_hostfile(args.hostfile) if args.hostfile else []
     slots = {s for _, s in hosts if s is not None}
     if len(slots) > 1:
@@ -53,7 +58,7 @@ def cmd_launch(args) -> int:
         raise UserError("--rdzv-endpoint HOST:PORT is needed with --nnodes > 1: a host of one of the nodes, reachable "
                         "from all, and a free port (or use --slurm or --hostfile)")
     launch = Launch(args.config, args.overrides, nnodes, nproc, endpoint or f"localhost:{args.port}", args.node_rank,
-                    args.max_restarts, args.run_id or uuid.uuid4().hex[:12])
+                    args.max_restarts, args.run_id or uuid.uuid4().hex[:12], args.shutdown_timeout)
     if args.slurm:
         print(sbatch_script(launch, args.port, args.job_name, args.time, args.partition,
                             nproc if args.gpus_per_node is None else args.gpus_per_node, args.cpus_per_task,
@@ -65,7 +70,34 @@ def cmd_launch(args) -> int:
             print(shell_line(cmd) if hosts else shell_line(cmd, passed_env()))
         return 0
     check_sources(cfg)
-    return run_all(commands)
+    return run_all(commands, cfg.out_dir)
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from pretrain.config import TrainConfig, build, load_tree
+    from pretrain.plan import format_plan, plan
+
+    cfg = build(TrainConfig, load_tree(args.config, args.overrides))
+    if cfg.model.vocab_size == 0 and all(os.path.isdir(s.path) for s in cfg.data.sources.values()) \
+            and cfg.data.sources:
+        from pretrain.train import open_sources
+
+        open_sources(cfg)  # the vocabulary size from the token shards' manifest
+    report = plan(cfg, args.gpus, parse_gib(args.gpu_memory), args.peak_tflops, args.mfu, args.tokens,
+                  args.reserve_gib)
+    print(json.dumps(report, indent=2) if args.json else format_plan(report))
+    return 0 if report["memory_gib"]["fits"] else 1
+
+
+def parse_gib(text: str) -> float:
+    """'80GB', '80GiB', '141' -> GiB (a GPU sold as 80 GB holds about 80 GiB)."""
+    number = text.upper().removesuffix("IB").removesuffix("GB").removesuffix("G").strip()
+    try:
+        return float(number)
+    except ValueError:
+        raise UserError(f"--gpu-memory {text!r}: expected a size such as 80GB") from None
 
 
 def cmd_config(args) -> int:
@@ -296,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-rank", type=int, default=None, help="this node's rank (optional with c10d)")
     p.add_argument("--max-restarts", type=int, default=0, help="times torchrun restarts the group after a failure")
     p.add_argument("--run-id", default=None, help="rendezvous id (default: random; SLURM: the job id)")
+    p.add_argument("--shutdown-timeout", type=int, default=120,
+                   help="seconds torchrun waits for its workers after SIGTERM (they save a checkpoint) before SIGKILL")
     p.add_argument("--port", type=int, default=29500, help="rendezvous port with --slurm / --hostfile")
     p.add_argument("--dry-run", action="store_true", help="print the command(s) instead of running them")
     p.add_argument("--hostfile", default=None, help="'host [slots=N]' per line: start one torchrun per host over ssh")
@@ -307,6 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-task", type=int, default=0, help="--slurm: CPUs per node task")
     p.add_argument("--slurm-output", default="slurm-%j.out", help="--slurm: log file pattern")
     p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("plan", help="check a layout, estimate memory per GPU, throughput and training time")
+    p.add_argument("config", help="YAML recipe")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=8")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in the job (nodes x GPUs per node)")
+    p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU (default 80GB)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of one GPU (default 989: H100)")
+    p.add_argument("--mfu", type=float, default=0.45, help="model FLOPs utilization to assume (default 0.45)")
+    p.add_argument("--tokens", type=float, default=1e12, help="tokens to train (default 1e12)")
+    p.add_argument("--reserve-gib", type=float, default=3.0,
+                   help="memory per GPU not modelled: CUDA context, NCCL buffers, fragmentation (default 3)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
 
     convert = sub.add_parser("convert", help="Loom checkpoints <-> Hugging Face directories").add_subparsers(
         dest="convert_command", required=True, metavar="DIRECTION")
@@ -431,6 +478,7 @@ def quiet_known_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints where a process is stuck
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

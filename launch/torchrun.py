@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 from data_pipeline.shards import read_json
 from pretrain.config import ConfigError, TrainConfig
@@ -25,8 +30,9 @@ def check_sources(cfg: TrainConfig) -> None:
         read_json(os.path.join(src.path, "manifest.json"))
 
 
-def run_torchrun(loom_argv: list[str], nproc: int) -> int:
-    """torchrun --standalone with `nproc` processes, each running `python -m launch.cli loom_argv`."""
+def run_torchrun(loom_argv: list[str], nproc: int, out_dir: str | None = None) -> int:
+    """torchrun --standalone with `nproc` processes, each running `python -m launch.cli loom_argv`. Exits 0
+    after a SIGTERM that the training run in `out_dir` answered with a preemption checkpoint."""
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
@@ -34,15 +40,46 @@ def run_torchrun(loom_argv: list[str], nproc: int) -> int:
            "-m", "launch.cli", *loom_argv]
     # torchrun's agent answers a failed worker with its own traceback; the workers have already
     # printed their one-line error, so keep only the agent's last line.
+    started = time.time()
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
     agent_noise = False
-    for line in proc.stderr:
-        if line.startswith("Traceback") and not line.startswith("[rank"):
-            agent_noise = True
-        if not agent_noise or "--debug" in loom_argv:
-            sys.stderr.write(line)
-    code = proc.wait()
+    with passing_sigterm([proc]) as received:
+        for line in proc.stderr:
+            if line.startswith("Traceback") and not line.startswith("[rank"):
+                agent_noise = True
+            if not agent_noise or "--debug" in loom_argv:
+                sys.stderr.write(line)
+        code = proc.wait()
+    if code and received and out_dir and preempted_since(out_dir, started):
+        return 0
     if code and agent_noise and "--debug" not in loom_argv:
         sys.stderr.write(f"loom: {nproc} training processes exited with an error (exit code {code}); "
                          f"rerun with --debug for tracebacks\n")
     return code
+
+
+@contextlib.contextmanager
+def passing_sigterm(procs: list[subprocess.Popen]):
+    """While inside: SIGTERM to this process is passed on to `procs` (torchrun passes it to its workers, which
+    save a checkpoint) instead of ending this process. Yields the list of signals received."""
+    received = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def preempted_since(out_dir: str, started: float) -> bool:
+    """Whether the run in `out_dir` ended after `started` with a preemption checkpoint (summary.json)."""
+    summary = Path(out_dir) / "summary.json"
+    try:
+        return summary.stat().st_mtime >= started and bool(json.loads(summary.read_text()).get("preempted"))
+    except (OSError, ValueError):
+        return False

@@ -131,6 +131,25 @@ class CheckpointConfig:
 
 
 @dataclass
+class FaultsConfig:
+    max_skipped_steps: int = doc("A step whose loss or gradient norm is NaN or Inf on any rank is skipped: no rank applies "
+                                 "its update (DeepSpeed discards it; the learning-rate schedule does not advance). "
+                                 "More skipped steps than this in a run stop training with an error naming the step "
+                                 "and the rank. 0: stop at the first.", 10)
+    spike_factor: float = doc("A step whose loss exceeds this factor x the mean loss of the previous `spike_window` "
+                              "steps (at least 3 of them) is a loss spike, logged. 0: no spike detection.", 2.0)
+    spike_window: int = doc("Steps of the recent mean loss that spikes are measured against.", 50)
+    spike_rollback_after: int = doc("After this many spikes in a row, roll back to the newest checkpoint before the "
+                                    "first of them and skip the global batches of the run of spikes (the skipped "
+                                    "ranges are recorded in every later checkpoint). 0: only log spikes.", 5)
+    step_timeout_s: float = doc("A rank that makes no progress for this many seconds inside a phase of collectives "
+                                "(a training step's all-reduces and forward/backward, evaluation, a checkpoint save) "
+                                "prints the phase and the step and exits non-zero, so that a hung collective ends the "
+                                "job (torchrun then restarts it or fails). The process group's own timeout is set 60 s "
+                                "longer, so this message comes first.", 1800.0)
+
+
+@dataclass
 class LoggingConfig:
     interval: int = doc("Print and log scalars every this many steps.", 10)
     tensorboard: bool = doc("Write TensorBoard event files under out_dir/tensorboard.", True)
@@ -179,6 +198,8 @@ class TrainConfig:
     schedule: ScheduleConfig = doc("Steps, warmup and cosine decay.", factory=ScheduleConfig)
     checkpoint: CheckpointConfig = doc("Saving and resuming.", factory=CheckpointConfig)
     eval: EvalConfig = doc("Loss per modality on held-out data.", factory=EvalConfig)
+    faults: FaultsConfig = doc("What training does about NaNs, loss spikes and hung collectives.",
+                               factory=FaultsConfig)
     logging: LoggingConfig = doc("Console and TensorBoard.", factory=LoggingConfig)
     samples: SamplesConfig = doc("Images and ShapesEval from checkpoints during training.", factory=SamplesConfig)
 
@@ -378,6 +399,14 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     if interval and cfg.checkpoint.keep_last < 2:
         raise ConfigError("samples.interval > 0 needs checkpoint.keep_last >= 2, so that the next save does not "
                           "delete the checkpoint being sampled")
+    f = cfg.faults
+    if f.max_skipped_steps < 0 or f.spike_factor < 0 or f.spike_rollback_after < 0 or f.spike_window < 1 \
+            or f.step_timeout_s <= 0:
+        raise ConfigError("faults: max_skipped_steps, spike_factor and spike_rollback_after must be >= 0, "
+                          f"spike_window >= 1 and step_timeout_s > 0; got {f}")
+    if f.spike_factor and f.spike_factor <= 1:
+        raise ConfigError(f"faults.spike_factor ({f.spike_factor}) must be > 1 (a loss above factor x the recent "
+                          f"mean) or 0 to turn spike detection off")
     if cfg.eval.sources and cfg.eval.sequences < 1:
         raise ConfigError(f"eval.sequences must be >= 1 when eval.sources is set, got {cfg.eval.sequences}")
     if world_size is not None:

@@ -16,5 +16,5 @@ def evaluate(engine, cfg: TrainConfig, sources: list[Source], vocab: VocabLayout
              pipeline_loss: PipelineLoss | None) -> dict:
     loader = TokenLoader(sources, vocab, cfg.data.seq_len, cfg.eval.sequences, cfg.data.micro_batch_size,
                          layout.dp_rank, layout.dp, cfg.data.seed)
-    sums = run_step(engine, loader.next_step(), 0.0, layout, pipeline_loss, train=False)
+    sums, _ = run_step(engine, loader.next_step(), 0.0, layout, pipeline_loss, train=False)
     return losses_by_kind(sums.cpu())

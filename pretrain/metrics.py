@@ -31,14 +31,16 @@ class MetricsLogger:
         self.writer = None
         if not active:
             return
-        if self.path.exists():
-            # drop records of steps after the checkpoint we resume from: they are trained again
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        self.rewind(resume_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
+
+    def rewind(self, step: int) -> None:
+        """Drop the records of steps after `step` (a resume or a rollback to it): they are trained again."""
+        if self.active and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, record: dict) -> None:
         if not self.active:

@@ -57,7 +57,9 @@ def init_distributed(cfg: TrainConfig) -> Layout:
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=10))
+        # longer than the watchdog's step timeout (pretrain/resilience.py), whose message says more
+        timeout = timedelta(seconds=cfg.faults.step_timeout_s + 60)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     if device.type == "cpu":
         megatron_cpu.apply()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -13,10 +14,12 @@ from checkpoints_utils import checkpoint
 from data_pipeline.loader import Source, TokenLoader, read_manifest_fingerprints
 from data_pipeline.vocab import LOSS_KIND_NAMES
 from .config import ConfigError, TrainConfig, dump_yaml, validate
+from . import faults
 from .evaluate import evaluate
 from .flops import flops_per_token, measure_peak_tflops, peak_memory_gib
 from .metrics import MetricsLogger, bits_per_token, losses_by_kind, read_metrics, summarize
 from .parallel import destroy_distributed, init_distributed, parallelize
+from .resilience import WATCHDOG, Preemption, TrainingError, check_step, draw_batch, observe_loss, phase
 from .samples import BackgroundSampler
 from .step import PipelineLoss, run_step
 from .train_state import TrainState
@@ -37,82 +40,133 @@ def open_sources(cfg: TrainConfig):
 def train(cfg: TrainConfig) -> dict:
     layout = init_distributed(cfg)
     validate(cfg, layout.world_size)
+    WATCHDOG.start(cfg.faults.step_timeout_s, layout.rank)
+    preemption = Preemption()
+    say = functools.partial(log, layout)
     sources, eval_sources, fingerprint, vocab = open_sources(cfg)
     run_dir = Path(cfg.out_dir)
     if layout.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, run_dir / "config.yaml")
+    checkpoint.ensure_space(run_dir, cfg, "this run's checkpoints")  # refuse at start, not at the first save
     pipeline_loss = PipelineLoss(cfg.model.z_loss) if cfg.parallel.pp > 1 else None
     engine = parallelize(cfg, layout, pipeline_loss)
     loader = TokenLoader(sources, vocab, cfg.data.seq_len, cfg.data.global_batch_size, cfg.data.micro_batch_size,
                          layout.dp_rank, layout.dp, cfg.data.seed)
-    state = TrainState(fingerprint=fingerprint)
-    tag = checkpoint.latest_tag(run_dir) if cfg.checkpoint.resume else None
-    if tag is not None:
-        state = checkpoint.load(engine, run_dir, tag, cfg, log=lambda m: log(layout, m))
-        if not state.fingerprint:  # imported weights: no record of the data they were trained on
-            log(layout, f"{checkpoint.checkpoint_dir(run_dir) / tag}: imported weights; continuing on data with vocabulary {fingerprint}")
-            state.fingerprint = fingerprint
-        elif state.fingerprint != fingerprint:
-            raise ConfigError(f"{run_dir}: the checkpoint was trained on vocabulary {state.fingerprint}, "
-                              f"the data has {fingerprint}; use data tokenized with the same tokenizers")
-        if state.loader is not None:
-            loader.load_state_dict(state.loader)
-        log(layout, f"resumed from {checkpoint.checkpoint_dir(run_dir) / tag} at step {state.step}")
+    state = resume(engine, loader, run_dir, cfg, fingerprint, say)
+    tag = checkpoint.latest_tag(run_dir)
     metrics = MetricsLogger(run_dir, layout.rank == 0, cfg.logging.tensorboard, state.step)
     peak = cfg.logging.peak_tflops or measure_peak_tflops(
         cfg.model.dim, torch.bfloat16 if cfg.parallel.bf16 else torch.float32, layout.device)
-    sampler = BackgroundSampler(cfg, layout.rank == 0, lambda m: log(layout, m))
+    sampler = BackgroundSampler(cfg, layout.rank == 0, say)
     step_flops = flops_per_token(cfg.model, cfg.data.seq_len) * cfg.data.global_batch_size * cfg.data.seq_len
 
     def run_eval():
         if eval_sources:
-            losses = evaluate(engine, cfg, eval_sources, vocab, layout, pipeline_loss)
+            with phase("evaluation"):
+                losses = evaluate(engine, cfg, eval_sources, vocab, layout, pipeline_loss)
             metrics.log(state.step, {"eval_loss": losses, "eval_bits_per_token": bits_per_token(losses)})
-            log(layout, f"eval at step {state.step} | " + " ".join(f"{k} {v:.3f}" for k, v in losses.items()))
+            say(f"eval at step {state.step} | " + " ".join(f"{k} {v:.3f}" for k, v in losses.items()))
 
     if state.step == 0:
         run_eval()
-    while state.step < cfg.schedule.steps:
+    preempted = False
+    while state.step < cfg.schedule.steps and not preempted:
+        WATCHDOG.step = state.step + 1
+        micro = draw_batch(loader, state)
         start = time.time()
-        sums = run_step(engine, loader.next_step(), cfg.model.z_loss, layout, pipeline_loss)
+        sums, local_bad = run_step(engine, micro, cfg.model.z_loss, layout, pipeline_loss)
         seconds = time.time() - start
         state.step += 1
+        if faults.injected("spike", state.batches, layout.rank):
+            sums[0] *= 10
+        applied = check_step(engine, sums, local_bad, state, cfg.faults, layout.device, say)
+        loss = losses_by_kind(sums.cpu())
+        if applied and observe_loss(loss["total"], state, cfg.faults, say):
+            state = roll_back(engine, loader, metrics, run_dir, state, cfg, say)
+            continue
         for kind, name in LOSS_KIND_NAMES.items():
             state.consumed_tokens[name] += int(sums[1, kind])
         state.consumed_tokens["total"] += int(sums[1, 1:].sum())
         tflops = step_flops / seconds / layout.world_size / 1e12  # per device
-        record = {"loss": losses_by_kind(sums.cpu()), "lr": engine.get_lr()[0],
-                  "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+        record = {"loss": loss, "lr": engine.get_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                   "tokens_per_s": cfg.data.global_batch_size * cfg.data.seq_len / seconds,
                   "tflops_per_device": tflops, "mfu": tflops / peak, "peak_memory_gib": peak_memory_gib(layout.device),
-                  "consumed_tokens": dict(state.consumed_tokens)}
+                  "consumed_tokens": dict(state.consumed_tokens), "skipped_steps": state.skipped_steps}
         last = state.step == cfg.schedule.steps
         if state.step % cfg.logging.interval == 0 or last:
             skipped = torch.tensor(float(loader.skipped()), device=layout.device)
-            dist.all_reduce(skipped)  # ranks of one data-parallel slice count the same streams
+            with phase("the all-reduce of the skipped-sample count"):
+                dist.all_reduce(skipped)  # ranks of one data-parallel slice count the same streams
             record["data_skipped"] = int(skipped) // (layout.tp * layout.pp)
-            log(layout, console_line(state.step, cfg.schedule.steps, record))
+            say(console_line(state.step, cfg.schedule.steps, record))
         metrics.log(state.step, record)
         if last or (cfg.eval.interval and state.step % cfg.eval.interval == 0):
             run_eval()
-        if last or (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0):
-            tag = checkpoint.save(engine, run_dir, state, cfg, cfg.checkpoint.keep_last, loader)
+        preempted = preemption.requested(layout.device)
+        if last or preempted or (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0):
+            with phase("checkpoint save"):
+                tag = checkpoint.save(engine, run_dir, state, cfg, cfg.checkpoint.keep_last, loader)
             if sampler.due(state.step, last):
                 sampler.start(checkpoint.checkpoint_dir(run_dir) / tag, state.step)
+    if preempted:
+        say(f"preempted ({preemption.signal_name or 'signal on another rank'}): saved {tag} at step {state.step}; "
+            f"run the same command again to resume from it")
     metrics.close()
     shapes_accuracy = sampler.wait()
     summary = {}
     if layout.rank == 0:
         summary = {**summarize(read_metrics(run_dir)), "checkpoint": str(checkpoint.checkpoint_dir(run_dir) / tag),
-                   "tensorboard": str(run_dir / "tensorboard")}
+                   "tensorboard": str(run_dir / "tensorboard"), "preempted": preempted,
+                   "skipped_steps": state.skipped_steps, "skipped_batches": state.skipped_batches}
         if shapes_accuracy is not None:
             summary["shapes_eval"] = shapes_accuracy
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        log(layout, f"trained {state.step} steps, {state.consumed_tokens['total']} loss tokens; "
-                    f"checkpoint {summary['checkpoint']}")
+        say(f"trained {state.step} steps, {state.consumed_tokens['total']} loss tokens; "
+            f"checkpoint {summary['checkpoint']}")
     destroy_distributed()
     return summary
+
+
+def resume(engine, loader, run_dir: Path, cfg: TrainConfig, fingerprint: str, say) -> TrainState:
+    """The state of the latest complete checkpoint (weights, optimizer and loader loaded), or a fresh one."""
+    tag = checkpoint.latest_tag(run_dir) if cfg.checkpoint.resume else None
+    if tag is None:
+        return TrainState(fingerprint=fingerprint)
+    state = checkpoint.load(engine, run_dir, tag, cfg, log=say)
+    if not state.fingerprint:  # imported weights: no record of the data they were trained on
+        say(f"{checkpoint.checkpoint_dir(run_dir) / tag}: imported weights; continuing on data with vocabulary "
+            f"{fingerprint}")
+        state.fingerprint = fingerprint
+    elif state.fingerprint != fingerprint:
+        raise ConfigError(f"{run_dir}: the checkpoint was trained on vocabulary {state.fingerprint}, "
+                          f"the data has {fingerprint}; use data tokenized with the same tokenizers")
+    if state.loader is not None:
+        loader.load_state_dict(state.loader)
+    say(f"resumed from {checkpoint.checkpoint_dir(run_dir) / tag} at step {state.step}")
+    return state
+
+
+def roll_back(engine, loader, metrics, run_dir: Path, state: TrainState, cfg: TrainConfig, say) -> TrainState:
+    """After a run of loss spikes: load the newest checkpoint before the first of them and mark their global
+    batches skipped (kept in the state, so in every later checkpoint)."""
+    first, last = state.spike_batches[0], state.batches
+    tag = checkpoint.tag_before(run_dir, first)
+    if tag is None:
+        raise TrainingError(f"step {state.step}: {len(state.spike_batches)} loss spikes in a row from global batch "
+                            f"{first}, and no checkpoint from before them to roll back to; lower optimizer.lr, "
+                            f"save more often (checkpoint.interval) or set faults.spike_rollback_after=0")
+    with phase("the rollback to a checkpoint"):
+        restored = checkpoint.load(engine, run_dir, tag, cfg, log=say)
+    loader.load_state_dict(restored.loader)
+    restored.skipped_batches = state.skipped_batches + [[first, last]]
+    restored.skipped_steps = state.skipped_steps
+    metrics.rewind(restored.step)
+    metrics.log(restored.step, {"rollback": {"from_step": state.step, "first_skipped_batch": first,
+                                             "last_skipped_batch": last}})
+    say(f"step {state.step}: {len(state.spike_batches)} loss spikes in a row: rolled back to {tag} (step "
+        f"{restored.step}); global batches {first}-{last} will be skipped")
+    return restored
 
 
 def console_line(step: int, steps: int, record: dict) -> str:
@@ -120,7 +174,8 @@ def console_line(step: int, steps: int, record: dict) -> str:
     line = (f"step {step}/{steps} | loss {losses} | lr {record['lr']:.2e} | grad norm {record['grad_norm']:.2f} "
             f"| {record['tokens_per_s']:.0f} tok/s | {record['tflops_per_device']:.3f} TFLOP/s/device "
             f"| MFU {100 * record['mfu']:.1f}% | peak mem {record['peak_memory_gib']:.2f} GiB")
-    return line + (f" | {record['data_skipped']} bad samples skipped" if record["data_skipped"] else "")
+    line += f" | {record['data_skipped']} bad samples skipped" if record["data_skipped"] else ""
+    return line + (f" | {record['skipped_steps']} steps skipped" if record["skipped_steps"] else "")
 
 
 def log(layout, message: str) -> None:

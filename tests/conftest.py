@@ -81,6 +81,28 @@ def train_tiny(world, out, nproc, *overrides, env=None, ok=True):
     return result
 
 
+def train_args(world, out, *extra):
+    """`loom train` of configs/tiny.yaml: 2 processes, 6 steps, checkpoints at 3 and 6, evaluation at 0 and 6."""
+    return ["train", REPO / "configs" / "tiny.yaml", f"out_dir={out}", f"data.sources.shapes.path={world / 'tokens'}",
+            f"eval.sources.shapes.path={world / 'heldout_tokens'}", "eval.sequences=8", "schedule.steps=6",
+            "schedule.warmup_steps=2", "checkpoint.interval=3", "logging.interval=1", *extra]
+
+
+def train_losses(out):
+    from pretrain.metrics import read_metrics
+
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(out) if "loss" in r]
+
+
+@pytest.fixture(scope="session")
+def trained(world, tmp_path_factory):
+    """The uninterrupted reference run of `train_args` (runs under faults are compared with it)."""
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    result = run_loom(*train_args(world, out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
 SOURCE_LAYOUTS = {"tp2-pp2-zero1": ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"],
                   "tp2-dp2-zero3": ["parallel.tp=2", "parallel.zero_stage=3"]}
 

@@ -7,26 +7,8 @@ import shutil
 import pytest
 
 from checkpoints_utils.checkpoint import COMPLETE, latest_tag
-from conftest import REPO, run_loom
+from conftest import REPO, run_loom, train_args, train_losses
 from pretrain.metrics import read_metrics
-
-
-def train_args(world, out, *extra):
-    return ["train", REPO / "configs" / "tiny.yaml", f"out_dir={out}", f"data.sources.shapes.path={world / 'tokens'}",
-            f"eval.sources.shapes.path={world / 'heldout_tokens'}", "eval.sequences=8", "schedule.steps=6",
-            "schedule.warmup_steps=2", "checkpoint.interval=3", "logging.interval=1", *extra]
-
-
-def train_losses(out):
-    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(out) if "loss" in r]
-
-
-@pytest.fixture(scope="module")
-def trained(world, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "tiny"
-    result = run_loom(*train_args(world, out))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out, result
 
 
 @pytest.mark.slow

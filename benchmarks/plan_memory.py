@@ -1,0 +1,114 @@
+"""The memory model of `loom plan` against the peak memory of real training steps on this machine.
+
+    python benchmarks/plan_memory.py [--json OUT]
+
+For each case (model size, sequence length, micro-batch, activation checkpointing): Loom's real
+training path in this process (megatron-core layers, DeepSpeed engine with ZeRO-1, fp32, one process),
+two optimizer steps on packed rows of several documents. Measured = the process's peak resident memory
+during the case minus its resident memory before the model was built (Linux VmHWM, reset per case
+through /proc/self/clear_refs; freed memory is returned to the system between cases with malloc_trim).
+Estimated = pretrain.plan's peak-stage total with no reserve. Prints both and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from pretrain.config import TrainConfig, build  # noqa: E402
+
+VOCAB = 8192
+CASES = {  # name: (model, seq_len, micro-batch, activation checkpointing)
+    "8M-s512-b4": (dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=704), 512, 4, "none"),
+    "20M-s256-b8": (dict(dim=512, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=1408), 256, 8, "none"),
+    "20M-s1024-b2-full": (dict(dim=512, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=1408), 1024, 2, "full"),
+    "25M-s512-b4-attention": (dict(dim=640, n_layers=3, n_heads=10, n_kv_heads=5, ffn_dim=1792), 512, 4,
+                              "attention"),
+}
+
+
+def kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def config(model: dict, seq: int, micro: int, checkpointing: str) -> TrainConfig:
+    cfg = build(TrainConfig, {"model": {**model, "vocab_size": VOCAB, "activation_checkpointing": checkpointing},
+                              "data": {"seq_len": seq, "global_batch_size": micro, "micro_batch_size": micro,
+                                       "sources": {"bench": {"path": "-"}}},
+                              "parallel": {"zero_stage": 1}, "schedule": {"steps": 100, "warmup_steps": 0}})
+    cfg.model.resolve_preset()
+    return cfg
+
+
+def packed_batch(micro: int, seq: int) -> dict:
+    """Rows of four documents each, as the loader packs them (document-causal masks)."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (micro, seq), generator=generator)
+    doc_ids = (torch.arange(seq) * 4 // seq).repeat(micro, 1)
+    positions = torch.arange(seq).repeat(micro, 1) % (seq // 4)
+    return {"tokens": tokens, "positions": positions, "doc_ids": doc_ids, "targets": tokens.roll(-1, 1),
+            "loss_kind": torch.ones(micro, seq, dtype=torch.long)}
+
+
+def measure(name: str) -> dict:
+    from pretrain.parallel import Layout, parallelize
+    from pretrain.plan import GIB, peak_stage
+    from pretrain.step import run_step
+
+    model, seq, micro, checkpointing = CASES[name]
+    cfg = config(model, seq, micro, checkpointing)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = kib("VmRSS")
+    layout = Layout(0, 1, 0, 1, 1, 1, 0, torch.device("cpu"))
+    engine = parallelize(cfg, layout)
+    batch = packed_batch(micro, seq)
+    for _ in range(2):  # the second step holds everything: Adam's moments, gradients, activations
+        run_step(engine, [batch], cfg.model.z_loss, layout, None)
+    measured = kib("VmHWM") - before
+    estimated = peak_stage(cfg, 1, micro, 0.0).total
+    engine.destroy()
+    del engine
+    return {"case": name, "measured_gib": measured / GIB, "estimated_gib": estimated / GIB,
+            "ratio": measured / estimated}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from pretrain import megatron_cpu
+    from pretrain.nll import single_process_groups
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    single_process_groups()
+    megatron_cpu.apply()
+    rows = []
+    for name in args.cases:
+        row = measure(name)
+        rows.append(row)
+        print(f"{name:<20} measured {row['measured_gib']:.3f} GiB  estimated {row['estimated_gib']:.3f} GiB  "
+              f"measured/estimated {row['ratio']:.2f}", flush=True)
+    worst = max(rows, key=lambda r: abs(r["ratio"] - 1))
+    print(f"{len(rows)} cases; worst measured/estimated {worst['ratio']:.2f} ({worst['case']})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

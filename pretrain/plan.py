@@ -1,0 +1,195 @@
+"""`loom plan`: whether a layout fits and how long it trains, before any GPU hour is spent.
+
+Parameters and FLOPs per token come from pretrain/flops.py (the formulas of the MFU that training logs).
+Memory is estimated per GPU for every pipeline stage, and the most loaded stage decides:
+
+- model states, as DeepSpeed holds them (bytes per parameter of the stage, P = its parameters / TP):
+  weights in the training precision (w = 2 in bf16, 4 in fp32), their gradients (w; divided by DP under
+  ZeRO-2/3), and per data-parallel rank 1/DP of: fp32 master weights (4), Adam's two moments (8) and the
+  fp32 gradient partition of the step (4); ZeRO-3 also divides the weights by DP. Plus DeepSpeed's
+  gradient buckets: min(P, 5e8 elements) in the gradient precision.
+- activations saved for the backward pass, per block and micro-batch of t = seq_len x micro_batch tokens
+  (e = 2 or 4 bytes per element; h, g query and kv heads, hd head_dim, f ffn_dim, TP splits the heads):
+    two RMSNorms: fp32 input, normalised and scaled outputs          2 (4 + 2e) t d
+    attention: fused qkv, rotated q and k, SDPA output, its copy     e t hd (4h + 3g) / TP
+    qk-norm (chameleon): its inputs and outputs                      4 e t hd (h + g) / TP
+    SwiGLU: gate, up, silu(gate), their product                      4 e t f / TP
+  with activation checkpointing 'full' only each block's input is kept (e t d) and one block is recomputed
+  at a time; with 'attention' the attention part is recomputed. Under sequence parallelism the d-sized
+  tensors are split by TP too. A 1F1B pipeline stage k keeps min(PP - k, micro-batches) micro-batches in
+  flight; the last stage holds one micro-batch's logits and their gradients, t V / TP (e + 12) bytes.
+- a reserve for what is not modelled (CUDA context, NCCL buffers, allocator fragmentation): --reserve-gib.
+
+These are the tensors Loom's model saves (measured with saved-tensor hooks on the CPU); benchmarks/
+plan_memory.py compares the estimate with the peak memory of real runs on this machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from .config import ConfigError, TrainConfig, validate
+from .flops import flops_per_token, param_counts
+
+GIB = 2 ** 30
+BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce_bucket_size
+
+
+@dataclasses.dataclass
+class StageMemory:
+    stage: int
+    blocks: int
+    params: int
+    """Parameters on one GPU of this stage."""
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    reserve: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.reserve
+
+
+def block_params(cfg: TrainConfig) -> tuple[int, int]:
+    """(parameters of one block split by TP, replicated ones) — norms are replicated."""
+    m = cfg.model
+    split = m.dim * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim + m.n_heads * m.head_dim * m.dim + 3 * m.dim * m.ffn_dim
+    if m.qk_norm:
+        split += 2 * (m.n_heads + m.n_kv_heads) * m.head_dim
+    return split, 2 * m.dim
+
+
+def block_activations(cfg: TrainConfig, micro_batch: int, mode: str) -> tuple[float, float]:
+    """(bytes one block keeps for the backward pass, bytes it holds while it is recomputed) per micro-batch."""
+    m, p = cfg.model, cfg.parallel
+    e = 2 if p.bf16 else 4
+    t = cfg.data.seq_len * micro_batch
+    sp = p.tp if p.sequence_parallel else 1
+    norms = 2 * (4 + 2 * e) * t * m.dim / sp
+    attention = e * t * m.head_dim * (4 * m.n_heads + 3 * m.n_kv_heads) / p.tp
+    if m.qk_norm:
+        attention += 4 * e * t * m.head_dim * (m.n_heads + m.n_kv_heads) / p.tp
+    mlp = 4 * e * t * m.ffn_dim / p.tp
+    block_input = e * t * m.dim / sp
+    if mode == "full":
+        return block_input, norms + attention + mlp
+    if mode == "attention":
+        return norms + mlp + block_input, attention
+    return norms + attention + mlp, 0.0
+
+
+def stage_memory(cfg: TrainConfig, dp: int, stage: int, micro_batch: int, reserve_gib: float) -> StageMemory:
+    m, p = cfg.model, cfg.parallel
+    blocks_per_stage = math.ceil(m.n_layers / p.pp)
+    first = stage * blocks_per_stage
+    blocks = max(0, min(m.n_layers, first + blocks_per_stage) - first)
+    split, replicated = block_params(cfg)
+    params = blocks * (split // p.tp + replicated)
+    if stage == 0:
+        params += m.padded_vocab_size * m.dim // p.tp
+    if stage == p.pp - 1:
+        params += m.padded_vocab_size * m.dim // p.tp + m.dim
+    w = 2 if p.bf16 else 4
+    zero = p.zero_stage
+    weights = params * w / (dp if zero == 3 else 1)
+    gradients = params * w / (dp if zero >= 2 else 1) + min(params, BUCKET_ELEMENTS) * w
+    optimizer = params * (4 + 8 + 4) / dp
+    grad_accum = cfg.data.global_batch_size // (dp * micro_batch) or 1
+    in_flight = min(p.pp - stage, grad_accum) if p.pp > 1 else 1
+    kept, recomputed = block_activations(cfg, micro_batch, m.activation_checkpointing)
+    activations = in_flight * blocks * kept + (recomputed if blocks else 0)
+    e = 2 if p.bf16 else 4
+    t = cfg.data.seq_len * micro_batch
+    logits = t * m.padded_vocab_size / p.tp * (e + 12) if stage == p.pp - 1 else 0.0
+    return StageMemory(stage, blocks, params, weights, gradients, optimizer, activations, logits, reserve_gib * GIB)
+
+
+def peak_stage(cfg: TrainConfig, dp: int, micro_batch: int, reserve_gib: float) -> StageMemory:
+    return max((stage_memory(cfg, dp, s, micro_batch, reserve_gib) for s in range(cfg.parallel.pp)),
+               key=lambda sm: sm.total)
+
+
+def largest_micro_batch(cfg: TrainConfig, dp: int, gpu_bytes: float, reserve_gib: float) -> int:
+    """The largest micro-batch (up to the global batch per data-parallel rank) whose peak stage fits; 0: none."""
+    best = 0
+    for micro in range(1, cfg.data.global_batch_size // dp + 1):
+        if peak_stage(cfg, dp, micro, reserve_gib).total > gpu_bytes:
+            break
+        best = micro
+    return best
+
+
+def plan(cfg: TrainConfig, gpus: int, gpu_memory_gib: float, peak_tflops: float, mfu: float, tokens: float,
+         reserve_gib: float) -> dict:
+    """Everything `loom plan` prints. Raises ConfigError when the layout is invalid."""
+    if cfg.model.vocab_size < 1:
+        raise ConfigError("model.vocab_size is 0 (taken from the data at training time): set it, e.g. "
+                          "model.vocab_size=184622 for Emu3's vocabulary, or give data.sources with a manifest")
+    validate(cfg, gpus)
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    dp = gpus // (p.tp * p.pp)
+    counts = param_counts(m)
+    per_token = flops_per_token(m, d.seq_len)
+    peak = peak_stage(cfg, dp, d.micro_batch_size, reserve_gib)
+    no_ac, full_ac = (peak_stage(dataclasses.replace(cfg, model=dataclasses.replace(m, activation_checkpointing=mode)),
+                                 dp, d.micro_batch_size, 0).activations / GIB for mode in ("none", "full"))
+    tokens_per_s = gpus * peak_tflops * 1e12 * mfu / per_token
+    step_tokens = d.global_batch_size * d.seq_len
+    return {
+        "layout": {"gpus": gpus, "tp": p.tp, "pp": p.pp, "dp": dp, "zero_stage": p.zero_stage, "bf16": p.bf16,
+                   "sequence_parallel": p.sequence_parallel, "activation_checkpointing": m.activation_checkpointing,
+                   "micro_batch_size": d.micro_batch_size,
+                   "gradient_accumulation": d.global_batch_size // (dp * d.micro_batch_size),
+                   "global_batch_size": d.global_batch_size, "seq_len": d.seq_len, "tokens_per_step": step_tokens},
+        "vocabulary": {"size": m.vocab_size, "padded": m.padded_vocab_size,
+                       "rows_per_tp_rank": m.padded_vocab_size // p.tp},
+        "parameters": {"total": counts["total"], "non_embedding": counts["non_embedding"],
+                       "per_gpu_peak_stage": peak.params},
+        "flops_per_token": per_token,
+        "memory_gib": {"stage": peak.stage, "blocks_on_stage": peak.blocks,
+                       **{k: getattr(peak, k) / GIB for k in ("weights", "gradients", "optimizer", "activations",
+                                                               "logits", "reserve", "total")},
+                       "activations_without_checkpointing": no_ac, "activations_with_full_checkpointing": full_ac,
+                       "gpu": gpu_memory_gib, "fits": peak.total <= gpu_memory_gib * GIB},
+        "largest_micro_batch": largest_micro_batch(cfg, dp, gpu_memory_gib * GIB, reserve_gib),
+        "throughput": {"peak_tflops_per_gpu": peak_tflops, "mfu": mfu, "tokens_per_s": tokens_per_s,
+                       "tokens_per_s_per_gpu": tokens_per_s / gpus, "step_seconds": step_tokens / tokens_per_s},
+        "training": {"tokens": tokens, "steps": math.ceil(tokens / step_tokens), "days": tokens / tokens_per_s / 86400,
+                     "gpu_hours": tokens / tokens_per_s * gpus / 3600},
+    }
+
+
+def format_plan(report: dict) -> str:
+    lay, mem, thr, tr, par = (report[k] for k in ("layout", "memory_gib", "throughput", "training", "parameters"))
+    voc = report["vocabulary"]
+    rows = [
+        ("layout", f"{lay['gpus']} GPUs = TP {lay['tp']} x PP {lay['pp']} x DP {lay['dp']}, ZeRO-{lay['zero_stage']}, "
+                   f"{'bf16' if lay['bf16'] else 'fp32'}{', sequence parallel' if lay['sequence_parallel'] else ''}, "
+                   f"activation checkpointing {lay['activation_checkpointing']}"),
+        ("batch", f"{lay['global_batch_size']} x {lay['seq_len']} = {lay['tokens_per_step']:,} tokens per step; "
+                  f"micro-batch {lay['micro_batch_size']}, {lay['gradient_accumulation']} accumulation steps"),
+        ("vocabulary", f"{voc['size']:,} ids padded to {voc['padded']:,} "
+                       f"({voc['rows_per_tp_rank']:,} rows per TP rank)"),
+        ("parameters", f"{par['total'] / 1e9:.2f} B total, {par['non_embedding'] / 1e9:.2f} B without embeddings; "
+                       f"{par['per_gpu_peak_stage'] / 1e9:.2f} B on a GPU of the fullest stage"),
+        ("FLOPs/token", f"{report['flops_per_token'] / 1e9:.1f} GFLOP (6N + attention)"),
+        (f"memory/GPU (stage {mem['stage']}, {mem['blocks_on_stage']} blocks)",
+         f"weights {mem['weights']:.1f} + grads {mem['gradients']:.1f} + optimizer {mem['optimizer']:.1f} + "
+         f"activations {mem['activations']:.1f} + logits {mem['logits']:.1f} + reserve {mem['reserve']:.1f} "
+         f"= {mem['total']:.1f} GiB of {mem['gpu']:g}: {'fits' if mem['fits'] else 'DOES NOT FIT'}"),
+        ("activations", f"{mem['activations_without_checkpointing']:.1f} GiB without checkpointing, "
+                        f"{mem['activations_with_full_checkpointing']:.1f} GiB with full checkpointing"),
+        ("largest micro-batch", str(report["largest_micro_batch"]) if report["largest_micro_batch"]
+         else "none fits: add TP/PP, ZeRO, activation checkpointing or GPUs"),
+        ("throughput", f"{thr['tokens_per_s']:,.0f} tokens/s ({thr['tokens_per_s_per_gpu']:,.0f} per GPU) at "
+                       f"MFU {thr['mfu']:.0%} of {thr['peak_tflops_per_gpu']:g} TFLOP/s; "
+                       f"{thr['step_seconds']:.2f} s/step"),
+        ("training", f"{tr['tokens']:.3g} tokens = {tr['steps']:,} steps: {tr['days']:.1f} days, "
+                     f"{tr['gpu_hours']:,.0f} GPU-hours"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
