@@ -42,6 +42,15 @@ def kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
+def reset_peak() -> bool:
+    """VmHWM := VmRSS, so that VmHWM is this case's peak; False where /proc/self/clear_refs is not writable."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def config(model: dict, seq: int, micro: int, checkpointing: str) -> TrainConfig:
     cfg = build(TrainConfig, {"model": {**model, "vocab_size": VOCAB, "activation_checkpointing": checkpointing},
                               "data": {"seq_len": seq, "global_batch_size": micro, "micro_batch_size": micro,
@@ -70,7 +79,7 @@ def measure(name: str) -> dict:
     cfg = config(model, seq, micro, checkpointing)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    reset_peak()
     before = kib("VmRSS")
     layout = Layout(0, 1, 0, 1, 1, 1, 0, torch.device("cpu"))
     engine = parallelize(cfg, layout)
@@ -83,6 +92,17 @@ def measure(name: str) -> dict:
     del engine
     return {"case": name, "measured_gib": measured / GIB, "estimated_gib": estimated / GIB,
             "ratio": measured / estimated}
+
+
+def measure_in_child(name: str, threads: int) -> dict:
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        subprocess.run([sys.executable, __file__, "--cases", name, "--threads", str(threads), "--json", str(out)],
+                       check=True, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())[0]
 
 
 def main() -> None:
@@ -98,9 +118,10 @@ def main() -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     single_process_groups()
     megatron_cpu.apply()
+    in_process = reset_peak()  # else one process per case, whose peak is its own
     rows = []
     for name in args.cases:
-        row = measure(name)
+        row = measure(name) if in_process or len(args.cases) == 1 else measure_in_child(name, args.threads)
         rows.append(row)
         print(f"{name:<20} measured {row['measured_gib']:.3f} GiB  estimated {row['estimated_gib']:.3f} GiB  "
               f"measured/estimated {row['ratio']:.2f}", flush=True)

@@ -478,7 +478,8 @@ def quiet_known_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints where a process is stuck
+    # `kill -USR1 PID` prints where a process is stuck, to the process's real stderr
+    faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

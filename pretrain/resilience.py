@@ -10,7 +10,7 @@
   Every decision uses the all-reduced loss, so all ranks decide alike without communicating.
 - Hung collectives: a watchdog thread; code that runs collectives does so inside `phase(name)`; a rank
   with no phase change for `step_timeout_s` prints the phase and step and exits with EXIT_HUNG. A collective
-  that fails instead (its peer died) raises CollectiveError, naming the phase and step too.
+  that fails instead (its peer died) raises PhaseError, naming the phase and step too.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ class TrainingError(RuntimeError):
     """Training cannot go on (too many non-finite steps, nothing to roll back to), said for the user."""
 
 
-class CollectiveError(RuntimeError):
-    """A collective failed (a peer died, a timeout): the phase, the step and the rank, then the backend's words."""
+class PhaseError(RuntimeError):
+    """An error inside a phase of collectives (a peer died, a backend timeout, an out-of-memory): the rank, the
+    phase and the step, then the original words."""
 
 
 class Watchdog:
@@ -61,10 +62,10 @@ class Watchdog:
         self.changed = time.monotonic()
         try:
             yield
-        except (CollectiveError, TrainingError):
+        except (PhaseError, TrainingError):
             raise
         except RuntimeError as e:  # what torch.distributed backends raise, e.g. gloo's "Connection closed by peer"
-            raise CollectiveError(f"rank {self.rank}: {name} at step {self.step} failed: {e}") from e
+            raise PhaseError(f"rank {self.rank}: {name} at step {self.step} failed: {e}") from e
         finally:
             self.phases.pop()
             self.changed = time.monotonic()

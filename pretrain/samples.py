@@ -59,6 +59,13 @@ class BackgroundSampler:
                                             cwd=Path(__file__).resolve().parents[1])
         self.step = step
 
+    def stop(self) -> None:
+        """On preemption: end the running child, if any (its round is lost; the checkpoint is saved)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.log(f"samples at step {self.step}: stopped (preempted)")
+        self.process = None
+
     def wait(self) -> dict | None:
         """Wait for the last child (if any) and log its accuracies; returns them (None if none ran or it failed)."""
         if self.process is None:

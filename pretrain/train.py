@@ -112,6 +112,7 @@ def train(cfg: TrainConfig) -> dict:
     if preempted:
         say(f"preempted ({preemption.signal_name or 'signal on another rank'}): saved {tag} at step {state.step}; "
             f"run the same command again to resume from it")
+        sampler.stop()
     metrics.close()
     shapes_accuracy = sampler.wait()
     summary = {}

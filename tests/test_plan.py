@@ -1,18 +1,30 @@
 """`loom plan`: layout checks, parameter and FLOP counts, the memory model against measured runs, the cluster
 recipes (configs/cluster/*.yaml) with the layouts the README shows."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO, run_loom
+from conftest import REPO
 from pretrain.config import load_config
 from pretrain.flops import flops_per_token
 
 CLUSTER = {"emu3_7b.yaml": 64, "chameleon_34b.yaml": 256}  # recipe: GPUs of its README example
+
+
+def run_loom(*args) -> SimpleNamespace:
+    """`loom ARGS` in this process (the plan needs no torch.distributed): returncode, stdout, stderr."""
+    from launch.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
+        code = main([str(a) for a in args])
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 @pytest.mark.slow
