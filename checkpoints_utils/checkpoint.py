@@ -309,7 +309,7 @@ def inspect(path: str | Path, check: bool = True) -> dict:
               "layout": shared.get("layout") or "portable (full tensors; any layout)",
               "consumed_tokens": shared["consumed_tokens"], "fingerprint": shared.get("fingerprint") or None,
               "model": {k: getattr(cfg.model, k) for k in ("preset", *ARCHITECTURE)},
-              "files": len(files), "bytes": sum(p.stat().st_size for p in files),
+              "files": len(files), "bytes": folder_bytes(folder),
               "config": str(folder / "config.yaml")}
     if check:
         try:
