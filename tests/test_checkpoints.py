@@ -1,8 +1,10 @@
 """Checkpoints users can trust: killed saves, corrupted files, exact resume, resharding across layouts.
 
 Source runs train 6 steps with checkpoints at steps 3 and 6. Resuming from step 3 must give the
-source run's steps 4-6: bit for bit in the same layout, within 1e-6 in loss under another layout
-(fp32; the only difference is the order of floating-point reductions).
+source run's steps 4-6: bit for bit in the same layout; under another layout, where the only difference
+is the order of floating-point reductions, within twice the layout tolerance of tests/rounding.py
+(source and target may each drift from one process by that much), from a rounding floor measured on
+one process in this configuration.
 """
 
 import json
@@ -13,6 +15,7 @@ import pytest
 from checkpoints_utils.checkpoint import latest_tag
 from checkpoints_utils.manifest import COMPLETE, MANIFEST
 from conftest import SOURCE_LAYOUTS, run_loom, train_tiny
+from rounding import Drift, assert_same_run, rounding_floor, tolerance
 from pretrain.metrics import read_metrics
 
 SOURCES = {name: (4, layout) for name, layout in SOURCE_LAYOUTS.items()}
@@ -46,19 +49,29 @@ def test_resume_in_the_same_layout_is_bitwise(sources, world, tmp_path):
         assert (ours[step]["loss"], ours[step]["grad_norm"]) == (ref[step]["loss"], ref[step]["grad_norm"])
 
 
+@pytest.fixture(scope="module")
+def reshard_tolerance(world, tmp_path_factory):
+    """Twice the layout tolerance of `train_tiny` runs: source and target layout each drift from one process."""
+    root, records = tmp_path_factory.mktemp("floor"), {}
+    for mb in (2, 1, 4, 8):  # the source runs' micro-batch (2), then the equivalent ones
+        train(world, root / f"mb{mb}", 1, f"data.micro_batch_size={mb}")
+        records[mb] = list(steps(root / f"mb{mb}").values())
+    allowed = tolerance(rounding_floor(records[2], [records[1], records[4], records[8]]), records[2])
+    return Drift(2 * allowed.loss, 2 * allowed.grad)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("source,target", [("tp2-pp2-zero1", "tp1-dp2-zero1"), ("tp2-dp2-zero3", "tp1-pp2-zero1")])
-def test_reshard_continues_the_source_run(source, target, sources, world, tmp_path):
+def test_reshard_continues_the_source_run(source, target, sources, reshard_tolerance, world, tmp_path):
     resumed = from_step_3(sources / source, tmp_path / "resharded")
     nproc, layout = TARGETS[target]
     result = train(world, resumed, nproc, *layout)
     assert "resharding to" in result.stdout and "at step 3" in result.stdout
     ours, ref = steps(resumed), steps(sources / source)
-    for step in (4, 5, 6):
-        assert abs(ours[step]["loss"]["total"] - ref[step]["loss"]["total"]) <= 1e-6, step
-        assert abs(ours[step]["grad_norm"] - ref[step]["grad_norm"]) <= 1e-5 * ref[step]["grad_norm"], step
+    continued = [ours[step] for step in (4, 5, 6)]
+    print(f"{source} -> {target}: drift {assert_same_run(continued, list(ref.values()), reshard_tolerance)}")
+    for step in (4, 5, 6):  # assert_same_run checked the consumed tokens too: the same data, no repeats
         assert ours[step]["lr"] == pytest.approx(ref[step]["lr"], rel=1e-12)
-        assert ours[step]["consumed_tokens"] == ref[step]["consumed_tokens"]  # the same data, no repeats
     assert (resumed / "checkpoints" / "step_000003" / "portable" / "model.safetensors").exists()
 
 

@@ -1,0 +1,38 @@
+"""Real layout bugs injected into every process of a training run, for test_layouts' mutation test.
+
+Active only with PYTHONPATH=tests/mutations and LOOM_TEST_MUTATION set to one of MUTATIONS; they show
+that a layout bug moves the loss by far more than the rounding tolerance (tests/rounding.py).
+"""
+
+import os
+
+MUTATIONS = ("missing-tp-all-reduce", "wrong-tp-slice", "dropped-micro-batch")
+MUTATION = os.environ.get("LOOM_TEST_MUTATION")
+
+if MUTATION == "missing-tp-all-reduce":
+    from megatron.core.tensor_parallel import layers
+
+    # row-parallel linears and the vocab-parallel embedding return their TP rank's partial sum
+    layers.reduce_from_tensor_model_parallel_region = lambda partial, group=None: partial
+elif MUTATION == "wrong-tp-slice":
+    from megatron.core.tensor_parallel import layers
+
+    initialize = layers._initialize_affine_weight_cpu
+
+    def first_slice_everywhere(*args, **kwargs):
+        return initialize(*args, **{**kwargs, "rank": 0})  # every TP rank takes rank 0's slice
+
+    layers._initialize_affine_weight_cpu = first_slice_everywhere
+elif MUTATION == "dropped-micro-batch":
+    from data_pipeline import loader
+
+    next_step = loader.TokenLoader.next_step
+
+    def drop_last_micro_batch(self):
+        micro_batches = next_step(self)
+        micro_batches[-1]["loss_kind"].zero_()  # IGNORE: no token of it reaches the loss
+        return micro_batches
+
+    loader.TokenLoader.next_step = drop_last_micro_batch
+elif MUTATION:
+    raise ValueError(f"LOOM_TEST_MUTATION={MUTATION!r}: not one of {MUTATIONS}")
