@@ -32,11 +32,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from data_pipeline.loader import Source, TokenLoader  # noqa: E402
 from data_pipeline.shards import ShardWriter, npy_bytes, write_json_atomic  # noqa: E402
-from data_pipeline.vocab import VocabLayout  # noqa: E402
-from pretrain.config import TrainConfig, build, load_tree  # noqa: E402
+from data_pipeline.vocab import Vocabulary  # noqa: E402
+from pretrain.config import build_config  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-LAYOUT = VocabLayout(512, 512)  # the quickstart's text and codebook sizes
+LAYOUT = Vocabulary(512, 512)  # the quickstart's text and codebook sizes
 
 
 def write_source(path: Path, name: str, docs: int, rng, image: bool) -> Source:
@@ -60,7 +60,8 @@ def write_source(path: Path, name: str, docs: int, rng, image: bool) -> Source:
 
 def loader_tokens_per_second(sources, cfg, seconds: float) -> float:
     d = cfg.data
-    loader = TokenLoader(sources, LAYOUT, d.seq_len, d.global_batch_size, d.micro_batch_size, seed=0)
+    loader = TokenLoader(sources, LAYOUT, seq_len=d.seq_len, global_batch_size=d.global_batch_size,
+                         micro_batch_size=d.micro_batch_size, seed=0)
     loader.next_step()
     steps, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -109,7 +110,7 @@ def main() -> None:
     start = time.time()
     overrides = [f"model.vocab_size={LAYOUT.size}", "data.sources.bench.path=bench", "parallel.zero_stage=0",
                  "parallel.nproc_per_node=1"]
-    cfg = build(TrainConfig, load_tree(RECIPE, overrides))
+    cfg = build_config(RECIPE, overrides)
     cfg.model.resolve_preset()
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)

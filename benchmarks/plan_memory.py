@@ -7,7 +7,7 @@ training path in this process (megatron-core layers, DeepSpeed engine with ZeRO-
 two optimizer steps on packed rows of several documents. Measured = the process's peak resident memory
 during the case minus its resident memory before the model was built (Linux VmHWM, reset per case
 through /proc/self/clear_refs; freed memory is returned to the system between cases with malloc_trim).
-Estimated = pretrain.plan's peak-stage total with no reserve. Prints both and their ratio.
+Estimated = analysis.plan's peak-stage total with no reserve. Prints both and their ratio.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from pretrain.config import TrainConfig, build  # noqa: E402
+from common.config import build  # noqa: E402
+from pretrain.config import TrainConfig  # noqa: E402
 
 VOCAB = 8192
 CASES = {  # name: (model, seq_len, micro-batch, activation checkpointing)
@@ -72,7 +73,7 @@ def packed_batch(micro: int, seq: int) -> dict:
 
 def measure(name: str) -> dict:
     from pretrain.parallel import Layout, parallelize
-    from pretrain.plan import GIB, peak_stage
+    from analysis.plan import GIB, peak_stage
     from pretrain.step import run_step
 
     model, seq, micro, checkpointing = CASES[name]
@@ -113,7 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from pretrain import megatron_cpu
-    from pretrain.nll import single_process_groups
+    from pretrain.parallel import single_process_groups
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     single_process_groups()

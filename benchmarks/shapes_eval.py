@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from pretrain.generate import Generator, Sampling  # noqa: E402
+from analysis.generate import Generator, Sampling  # noqa: E402
 from pretrain.model import Transformer  # noqa: E402
-from pretrain.parallel import megatron_config  # noqa: E402
-from pretrain.shapes_eval import CATEGORIES, shapes_eval  # noqa: E402
+from pretrain.parallel import tensor_parallel_of  # noqa: E402
+from analysis.shapes_eval import CATEGORIES, shapes_eval  # noqa: E402
 
 
 def main() -> None:
@@ -38,8 +38,8 @@ def main() -> None:
 
     trained = Generator.from_checkpoint(args.checkpoint)
     cfg, run_cfg = trained.model.cfg, trained.run_config
-    untrained_model = Transformer(cfg, megatron_config(run_cfg), run_cfg.seed).eval()
-    untrained = Generator(untrained_model, trained.text, trained.layout, trained.visual, trained.image_size)
+    untrained_model = Transformer(cfg, tensor_parallel_of(run_cfg), run_cfg.seed).eval()
+    untrained = Generator(untrained_model, trained.text, trained.vocabulary, trained.visual, trained.image_size)
     sampling = Sampling(cfg_scale=args.cfg_scale)
     results = {}
     for name, gen in (("untrained (step 0)", untrained), (f"trained (step {trained.checkpoint['step']})", trained)):

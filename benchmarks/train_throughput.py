@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from pretrain.config import TrainConfig, build  # noqa: E402
+from common.config import build  # noqa: E402
+from pretrain.config import TrainConfig  # noqa: E402
 from pretrain.flops import flops_per_token, matmul_params, measure_peak_tflops  # noqa: E402
 
 SIZES = {  # ~10M and ~50M parameters with an 8192-entry vocabulary

@@ -1,1 +1,2 @@
-"""Checkpoints: atomic saves, resume, and (later) resharding and Hugging Face conversion."""
+"""Offline checkpoint tools: read any layout's checkpoint in one process, inspect it, and convert it to and
+from Hugging Face transformers directories. The trainer's own collective save/load is pretrain/checkpointing.py."""

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.vocab import VocabLayout, fingerprint
+from data_pipeline.vocab import Vocabulary, fingerprint
+from common.checkpoint_folders import CheckpointError
+from common.config import dump_yaml
 from pretrain.config import ModelConfig, TrainConfig
-from .checkpoint import read_checkpoint, resolve_checkpoint, write_portable_checkpoint
-from .consolidate import CheckpointError
+from .reader import read_checkpoint, resolve_checkpoint, write_portable_checkpoint
 from .hf import from_hf_state_dict, pad_vocab, to_hf_state_dict, trim_vocab
 
 FORMATS = ("emu3", "chameleon", "llama")
@@ -51,7 +52,7 @@ def data_vocabulary(cfg: TrainConfig, data: str | Path | None) -> tuple[Path, di
                           f"pass --data TOKEN_DIR, a directory written by `loom data tokenize`, for the tokenizer")
 
 
-def locate_visual_tokenizer(vocab: dict, data_dir: Path, layout: VocabLayout, shared: dict,
+def locate_visual_tokenizer(vocab: dict, data_dir: Path, vocabulary: Vocabulary, shared: dict,
                             override: str | Path | None) -> Path:
     """The VQ directory (`override`, else the one vocab.json records), checked against the fingerprint
     the checkpoint was trained on (imported weights have none: nothing to check)."""
@@ -59,13 +60,13 @@ def locate_visual_tokenizer(vocab: dict, data_dir: Path, layout: VocabLayout, sh
     if not (vq_dir / "config.json").exists():
         raise CheckpointError(f"visual tokenizer not found at {vq_dir}; pass --visual-tokenizer DIR")
     trained_on = shared.get("fingerprint")
-    if trained_on and fingerprint(layout, data_dir / "text_tokenizer.model", vq_dir) != trained_on:
+    if trained_on and fingerprint(vocabulary, data_dir / "text_tokenizer.model", vq_dir) != trained_on:
         raise CheckpointError(f"{vq_dir} is not the visual tokenizer this model was trained with "
                               f"(vocabulary fingerprint {trained_on})")
     return vq_dir
 
 
-def build_tokenizer(text_model: Path, layout: VocabLayout):
+def build_tokenizer(text_model: Path, vocabulary: Vocabulary):
     """A transformers tokenizer equal to sentencepiece on text, with Loom's specials and visual tokens."""
     from tokenizers import AddedToken
     from tokenizers.models import BPE
@@ -73,35 +74,37 @@ def build_tokenizer(text_model: Path, layout: VocabLayout):
     from transformers.convert_slow_tokenizer import SentencePieceExtractor
 
     pieces = SentencePieceExtractor(str(text_model)).extract(BPE)
-    specials = list(layout.special_tokens)
+    specials = list(vocabulary.special_tokens)
     tokenizer = LlamaTokenizer(vocab=pieces["vocab"], merges=pieces["merges"], unk_token="<unk>",
                                bos_token=specials[0], eos_token=specials[1], pad_token=specials[2],
                                add_bos_token=False)
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
     tokenizer.add_tokens([AddedToken(f"<|visual token {i:06d}|>", special=True, normalized=False)
-                          for i in range(layout.codebook_size)], special_tokens=True)
-    ids = tokenizer.convert_tokens_to_ids([specials[0], specials[-1], f"<|visual token {layout.codebook_size - 1:06d}|>"])
-    if ids != [layout.text_size, layout.text_size + len(specials) - 1, layout.size - 1] or len(tokenizer) != layout.size:
+                          for i in range(vocabulary.codebook_size)], special_tokens=True)
+    last_code = f"<|visual token {vocabulary.codebook_size - 1:06d}|>"
+    ids = tokenizer.convert_tokens_to_ids([specials[0], specials[-1], last_code])
+    v = vocabulary
+    if ids != [v.text_size, v.text_size + len(specials) - 1, v.size - 1] or len(tokenizer) != v.size:
         raise CheckpointError(f"{text_model}: the tokenizer's ids do not follow Loom's layout ({ids}, {len(tokenizer)} "
-                              f"tokens for a layout of {layout.size})")
+                              f"tokens for a layout of {vocabulary.size})")
     return tokenizer
 
 
-def text_config(m: ModelConfig, layout: VocabLayout, max_positions: int) -> dict:
+def text_config(m: ModelConfig, vocabulary: Vocabulary, max_positions: int) -> dict:
     return {"vocab_size": m.vocab_size, "hidden_size": m.dim, "intermediate_size": m.ffn_dim,
             "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads,
             "rms_norm_eps": m.norm_eps, "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
-            "max_position_embeddings": max_positions, "tie_word_embeddings": False, "bos_token_id": layout.bos,
-            "eos_token_id": layout.eos, "pad_token_id": layout.special("<|pad|>")}
+            "max_position_embeddings": max_positions, "tie_word_embeddings": False, "bos_token_id": vocabulary.bos,
+            "eos_token_id": vocabulary.eos, "pad_token_id": vocabulary.special("<|pad|>")}
 
 
-def emu3_extras(tokenizer, layout: VocabLayout, vq_dir: Path, image_size: int):
+def emu3_extras(tokenizer, vocabulary: Vocabulary, vq_dir: Path, image_size: int):
     """The VQ, the vocabulary map and the processor of an Emu3 export."""
     from transformers import Emu3ImageProcessor, Emu3Processor, Emu3VQVAE
 
     vq = Emu3VQVAE.from_pretrained(vq_dir).eval()
-    vocabulary_map = {**tokenizer.get_vocab(), EMU3_EOL: layout.special("<|eol|>"),
-                      EMU3_IMAGE: layout.special(IMAGE_PLACEHOLDER)}
+    vocabulary_map = {**tokenizer.get_vocab(), EMU3_EOL: vocabulary.special("<|eol|>"),
+                      EMU3_IMAGE: vocabulary.special(IMAGE_PLACEHOLDER)}
     # the named tokens Emu3Processor reads (tokenizer.image_token, ...); they exist already, so this only
     # names them (passing them to the constructor would add them ahead of Loom's order)
     tokenizer._set_model_specific_special_tokens({
@@ -124,23 +127,24 @@ def export_hf(ckpt: str | Path, out: str | Path, fmt: str = "emu3", visual_token
     m = cfg.model
     check_format(m, fmt)
     data_dir, vocab = data_vocabulary(cfg, data)
-    layout = VocabLayout.from_dict(vocab["layout"])
-    if layout.size != m.vocab_size:
-        raise CheckpointError(f"{data_dir}/vocab.json has {layout.size} ids, the checkpoint {m.vocab_size}")
-    tokenizer = build_tokenizer(data_dir / "text_tokenizer.model", layout)
+    vocabulary = Vocabulary.from_dict(vocab["layout"])
+    if vocabulary.size != m.vocab_size:
+        raise CheckpointError(f"{data_dir}/vocab.json has {vocabulary.size} ids, the checkpoint {m.vocab_size}")
+    tokenizer = build_tokenizer(data_dir / "text_tokenizer.model", vocabulary)
     weights = trim_vocab(to_hf_state_dict(params, m), m.vocab_size)
-    kw = text_config(m, layout, cfg.data.seq_len)
+    kw = text_config(m, vocabulary, cfg.data.seq_len)
     out = Path(out)
     if fmt == "llama":
         model = LlamaForCausalLM(LlamaConfig(**kw))
     elif fmt == "chameleon":
         model = ChameleonForConditionalGeneration(ChameleonConfig(
-            **kw, swin_norm=m.swin_norm, vocabulary_map={**tokenizer.get_vocab(), EMU3_IMAGE: layout.special(IMAGE_PLACEHOLDER)},
+            **kw, swin_norm=m.swin_norm,
+            vocabulary_map={**tokenizer.get_vocab(), EMU3_IMAGE: vocabulary.special(IMAGE_PLACEHOLDER)},
             vq_config={"embed_dim": 8, "num_embeddings": 16, "latent_channels": 8, "base_channels": 32,
                        "channel_multiplier": [1, 2], "resolution": 32, "num_res_blocks": 1}))
     else:
-        vq_dir = locate_visual_tokenizer(vocab, data_dir, layout, shared, visual_tokenizer)
-        vq, vocabulary_map, processor = emu3_extras(tokenizer, layout, vq_dir, vocab.get("image_size", 32))
+        vq_dir = locate_visual_tokenizer(vocab, data_dir, vocabulary, shared, visual_tokenizer)
+        vq, vocabulary_map, processor = emu3_extras(tokenizer, vocabulary, vq_dir, vocab.get("image_size", 32))
         model = Emu3ForConditionalGeneration(Emu3Config(vq_config=vq.config.to_dict(), text_config=kw,
                                                         vocabulary_map=vocabulary_map))
         weights = {("model.text_model." + k[len("model."):] if k.startswith("model.") else k): v
@@ -150,8 +154,8 @@ def export_hf(ckpt: str | Path, out: str | Path, fmt: str = "emu3", visual_token
     missing = [k for k in missing if not (fmt == "chameleon" and k.startswith("model.vqmodel."))]
     if missing or unexpected:
         raise CheckpointError(f"weights do not fit {type(model).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.generation_config.bos_token_id, model.generation_config.eos_token_id = layout.bos, layout.eos
-    model.generation_config.pad_token_id = layout.special("<|pad|>")
+    model.generation_config.bos_token_id, model.generation_config.eos_token_id = vocabulary.bos, vocabulary.eos
+    model.generation_config.pad_token_id = vocabulary.special("<|pad|>")
     model.save_pretrained(out)
     (processor if fmt == "emu3" else tokenizer).save_pretrained(out)
     n = sum(t.numel() for t in weights.values())
@@ -210,8 +214,6 @@ def import_hf(hf_dir: str | Path, out: str | Path, log=print) -> dict:
     cfg = TrainConfig(model=m, out_dir=str(out))
     out.mkdir(parents=True, exist_ok=True)
     folder = write_portable_checkpoint(out, params, cfg)
-    from pretrain.config import dump_yaml
-
     dump_yaml(cfg, out / "config.yaml")
     n = sum(t.numel() for t in params.values())
     log(f"convert from-hf: {hf_dir} ({model_type}, {n / 1e6:.2f}M parameters) -> {folder}; continue with "

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .shards import ShardError, index_shard, list_shards, npy_load, read_json, read_members
-from .vocab import IGNORE, IMAGE, TEXT, VIDEO, VISUAL_STRUCTURE, VocabLayout
+from .vocab import IGNORE, IMAGE, TEXT, VIDEO, VISUAL_STRUCTURE, Vocabulary
 
 MAX_CONSECUTIVE_BAD = 1000
 
@@ -49,29 +49,29 @@ class Source:
     weight: float
     shards: list[Path]
     fingerprint: str = ""
-    layout: VocabLayout | None = None
+    vocabulary: Vocabulary | None = None
 
     @classmethod
     def open(cls, name: str, path: str | Path, weight: float) -> "Source":
         path = Path(path)
         manifest = read_json(path / "manifest.json")
         return cls(name, path, weight, [path / s for s in manifest["shards"]] or list_shards(path),
-                   manifest["fingerprint"], VocabLayout.from_dict(manifest["layout"]))
+                   manifest["fingerprint"], Vocabulary.from_dict(manifest["layout"]))
 
 
-def read_manifest_fingerprints(sources: list[Source]) -> tuple[str, VocabLayout]:
-    """The common fingerprint and layout of all sources; refuses sources that disagree."""
+def read_manifest_fingerprints(sources: list[Source]) -> tuple[str, Vocabulary]:
+    """The common fingerprint and vocabulary of all sources; refuses sources that disagree."""
     if len({src.fingerprint for src in sources}) != 1:
         detail = ", ".join(f"{src.name}: {src.fingerprint}" for src in sources)
         raise ValueError(f"data sources were tokenized with different vocabularies ({detail}); "
                          f"retokenize them with the same tokenizers")
-    return sources[0].fingerprint, sources[0].layout
+    return sources[0].fingerprint, sources[0].vocabulary
 
 
-def loss_kinds(tokens: np.ndarray, spans: list, layout: VocabLayout) -> np.ndarray:
+def loss_kinds(tokens: np.ndarray, spans: list, vocabulary: Vocabulary) -> np.ndarray:
     """Per-token loss kind: text, image code, video code, or visual structure (grid prefix, eol...)."""
     kinds = np.full(len(tokens), TEXT, dtype=np.int8)
-    visual = layout.is_visual(tokens)
+    visual = vocabulary.is_visual(tokens)
     for start, end, kind in spans:
         if kind in ("image", "video"):
             kinds[start:end] = np.where(visual[start:end], IMAGE if kind == "image" else VIDEO,
@@ -82,8 +82,8 @@ def loss_kinds(tokens: np.ndarray, spans: list, layout: VocabLayout) -> np.ndarr
 class SourceReader:
     """Random access to document g of a source's endless, epoch-shuffled sequence."""
 
-    def __init__(self, source: Source, layout: VocabLayout, seed: int):
-        self.source, self.layout, self.seed = source, layout, seed
+    def __init__(self, source: Source, vocabulary: Vocabulary, seed: int):
+        self.source, self.vocabulary, self.seed = source, vocabulary, seed
         self.index: list[list[dict]] = []
         for shard in source.shards:
             entries, error = index_shard(shard)
@@ -117,9 +117,9 @@ class SourceReader:
         try:
             tokens = npy_load(sample["tokens.npy"]).astype(np.int64)
             spans = json.loads(sample["spans.json"])
-            if tokens.ndim != 1 or len(tokens) < 2 or tokens.min() < 0 or tokens.max() >= self.layout.size:
-                raise ValueError(f"tokens.npy must be 1-D ids in [0, {self.layout.size}) with >= 2 tokens")
-            return tokens, loss_kinds(tokens, spans, self.layout)
+            if tokens.ndim != 1 or len(tokens) < 2 or tokens.min() < 0 or tokens.max() >= self.vocabulary.size:
+                raise ValueError(f"tokens.npy must be 1-D ids in [0, {self.vocabulary.size}) with >= 2 tokens")
+            return tokens, loss_kinds(tokens, spans, self.vocabulary)
         except (KeyError, ValueError, TypeError, OSError) as e:
             raise ValueError(f"{where}: {e}") from None
 
@@ -195,7 +195,7 @@ def pack_row(pieces: list[tuple[np.ndarray, np.ndarray]]) -> dict:
 class TokenLoader:
     """This data-parallel rank's share of every global batch, as micro-batches, with resumable state."""
 
-    def __init__(self, sources: list[Source], layout: VocabLayout, seq_len: int, global_batch_size: int,
+    def __init__(self, sources: list[Source], vocabulary: Vocabulary, *, seq_len: int, global_batch_size: int,
                  micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
         if any(s.weight < 0 for s in sources) or not any(s.weight > 0 for s in sources):
             raise ValueError("mixing weights must be >= 0 with at least one > 0: "
@@ -203,7 +203,7 @@ class TokenLoader:
         if global_batch_size % (dp_size * micro_batch_size):
             raise ValueError(f"global batch {global_batch_size} is not divisible by data-parallel size {dp_size} "
                              f"x micro-batch {micro_batch_size}")
-        self.readers = [SourceReader(src, layout, seed) for src in sources]
+        self.readers = [SourceReader(src, vocabulary, seed) for src in sources]
         self.weights = np.array([s.weight for s in sources], dtype=np.float64)
         self.weights /= self.weights.sum()
         self.seq_len = seq_len

@@ -1,7 +1,7 @@
 """Image and video bytes <-> uint8 RGB arrays (Pillow for images, PyAV for video).
 
 `Geometry` says what size a decoded image or video frame gets and which inputs are refused.
-Every refusal is a MediaError whose `reason` callers count (README "Bad input").
+Every refusal is a MediaError whose `reason` callers count (docs/visual_tokenizer.md and docs/data.md: bad input).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reading raw-document shards (README "Raw document format") into checked segments.
+"""Reading raw-document shards (docs/data.md, "Raw document format") into checked segments.
 
 A raw document is one webdataset sample: a `json` member `{"segments": [...], ...}` where each
 segment is `{"text": str}`, `{"image": member}` or `{"video": member}`, plus the media members it

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .media import encode_mp4, encode_png
+from .shards import ShardWriter, write_json_atomic
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
           "yellow": (235, 205, 30), "purple": (150, 60, 200)}
@@ -130,7 +131,7 @@ def text_passage(rng: random.Random) -> str:
 
 
 def make_document(index: int, seed: int, spec: WorldSpec = WorldSpec()) -> dict:
-    """One raw-document sample (see README "Raw document format"): `json` plus media members."""
+    """One raw-document sample (see docs/data.md, "Raw document format"): `json` plus media members."""
     rng = random.Random(f"{seed}-{index}")
     kind = rng.choices(DOC_KINDS, weights=spec.mix)[0]
     sample: dict = {"__key__": f"{index:08d}"}
@@ -165,8 +166,6 @@ def make_document(index: int, seed: int, spec: WorldSpec = WorldSpec()) -> dict:
 def write_world(out_dir, docs: int, seed: int, spec: WorldSpec = WorldSpec(), docs_per_shard: int = 200,
                 progress=None) -> dict:
     """Write `docs` documents as raw shards `raw-XXXXX.tar` in `out_dir`; returns counts by kind."""
-    from .shards import ShardWriter, write_json_atomic
-
     counts = {k: 0 for k in DOC_KINDS}
     with ShardWriter(out_dir, "raw", docs_per_shard) as writer:
         for i in range(docs):

@@ -1,4 +1,4 @@
-"""Readers of the input formats users bring (README "Point Loom at your data").
+"""Readers of the input formats users bring (docs/data.md, "Point Loom at your data").
 
 Every reader turns one input file into documents: `(key, segments)` with segments as in
 raw.py (text, image bytes, video bytes). A bad sample comes out as a SampleError whose `reason`

@@ -1,4 +1,4 @@
-"""One input file -> one token shard (README "Token shard format"); the job around it is tokenize_job.py.
+"""One input file -> one token shard (docs/data.md, "Token shard format"); the job around it is tokenize_job.py.
 
 Input `X.*` becomes `tokens-X.tar` with one sample per document: `tokens.npy` (1-D uint32 ids) and
 `spans.json` (`[[start, end, kind], ...]`, kind text/image/video, end exclusive), plus `tokens-X.json`
@@ -25,7 +25,7 @@ from .sources import read_input
 from .text_tokenizer import TextTokenizer
 from .tokenize_config import TokenizeSource
 from .visual_tokenizer import VisualTokenizer
-from .vocab import VocabLayout
+from .vocab import Vocabulary
 
 
 class DocumentEncoder:
@@ -36,34 +36,34 @@ class DocumentEncoder:
     -> token sequences). `encoder_seconds` is the time spent in the visual encoder.
     """
 
-    def __init__(self, text: TextTokenizer, visual: VisualTokenizer, layout: VocabLayout,
+    def __init__(self, text: TextTokenizer, visual: VisualTokenizer, vocabulary: Vocabulary,
                  geometry: Geometry | int, video_frames: int, batch_size: int = 32):
-        self.text, self.visual, self.layout = text, visual, layout
+        self.text, self.visual, self.vocabulary = text, visual, vocabulary
         self.geometry, self.video_frames, self.batch_size = as_geometry(geometry), video_frames, batch_size
         self.encoder_seconds = 0.0
 
     def frame_tokens(self, ids: np.ndarray) -> list[int]:
         """Vocabulary ids (h, w) -> each row followed by <|eol|>, then <|eof|>."""
-        L = self.layout
+        L = self.vocabulary
         eol = np.full((ids.shape[0], 1), L.special("<|eol|>"))
         return np.concatenate([ids.astype(np.int64), eol], axis=1).reshape(-1).tolist() + [L.special("<|eof|>")]
 
     def grid_tokens(self, codes: np.ndarray) -> list[int]:
         """codes (h, w) -> the frame of their visual ids."""
-        return self.frame_tokens(codes.astype(np.int64) + self.layout.visual_offset)
+        return self.frame_tokens(codes.astype(np.int64) + self.vocabulary.visual_offset)
 
     def visual_prefix(self, start: str, shape: tuple[int, ...]) -> list[int]:
         """`start` (<|image start|> or <|video start|>), the grid shape as text ("4*4", "2*4*4"), <|image token|>."""
-        L = self.layout
+        L = self.vocabulary
         return [L.special(start)] + self.text.encode("*".join(map(str, shape))) + [L.special("<|image token|>")]
 
     def image_tokens(self, codes: np.ndarray) -> list[int]:
         return (self.visual_prefix("<|image start|>", codes.shape) + self.grid_tokens(codes) +
-                [self.layout.special("<|image end|>")])
+                [self.vocabulary.special("<|image end|>")])
 
     def video_tokens(self, codes: np.ndarray) -> list[int]:
         frames = [tok for frame in codes for tok in self.grid_tokens(frame)]
-        return self.visual_prefix("<|video start|>", codes.shape) + frames + [self.layout.special("<|video end|>")]
+        return self.visual_prefix("<|video start|>", codes.shape) + frames + [self.vocabulary.special("<|video end|>")]
 
     def decode(self, segments) -> list[tuple[str, str | np.ndarray]]:
         """Segments -> (kind, text or uint8 pixels: (H, W, 3) image, (T, H, W, 3) video); MediaError if bad."""
@@ -102,7 +102,7 @@ class DocumentEncoder:
         codes = iter(self.encode_media(media))
         out = []
         for doc in documents:
-            tokens, spans = [self.layout.bos], []
+            tokens, spans = [self.vocabulary.bos], []
             for kind, payload in doc:
                 if kind == "text":
                     piece = self.text.encode(payload)
@@ -112,7 +112,7 @@ class DocumentEncoder:
                     piece = self.video_tokens(next(codes))
                 spans.append([len(tokens), len(tokens) + len(piece), kind])
                 tokens += piece
-            tokens.append(self.layout.eos)
+            tokens.append(self.vocabulary.eos)
             out.append((np.asarray(tokens, dtype=np.uint32), spans))
         return out
 

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.config import ConfigError, build, doc, load_tree
+from common.config import ConfigError, build, doc, load_tree
 
 from .media import Geometry
 
@@ -42,7 +42,7 @@ class FilterConfig:
 @dataclass
 class TokenizeSource:
     name: str = doc("Name of the source; its token shards go to OUT/<name>.")
-    format: str = doc("'loom' (raw-document shards, README 'Raw document format'), 'image_text' (img2dataset "
+    format: str = doc("'loom' (raw-document shards, docs/data.md 'Raw document format'), 'image_text' (img2dataset "
                       "webdataset shards), 'video_text' (webdataset video-caption shards), 'interleaved' "
                       "(OBELICS-style .jsonl/.parquet rows), 'text' (.jsonl or .txt).")
     paths: list[str] = doc("Input files, directories (all files of the format inside, sorted) or glob patterns.",

@@ -30,7 +30,7 @@ from .text_tokenizer import TextTokenizer
 from .tokenize import DocumentEncoder, tokenize_shard
 from .tokenize_config import TokenizeConfig, TokenizeSource
 from .visual_tokenizer import VisualTokenizer
-from .vocab import VocabLayout, fingerprint
+from .vocab import Vocabulary, fingerprint
 
 POLL_SECONDS = 0.5
 
@@ -50,7 +50,7 @@ def wait_for(paths: list[Path], what: str, log, every: float = 30.0) -> None:
         time.sleep(POLL_SECONDS)
 
 
-def prepare_output(out: Path, layout: VocabLayout, fp: str, cfg: TokenizeConfig, geometry: Geometry,
+def prepare_output(out: Path, vocabulary: Vocabulary, fp: str, cfg: TokenizeConfig, geometry: Geometry,
                    rank: int) -> None:
     """Refuse a directory of another vocabulary; rank 0 records the vocabulary and copies the text model."""
     vocab_file = out / "vocab.json"
@@ -60,8 +60,9 @@ def prepare_output(out: Path, layout: VocabLayout, fp: str, cfg: TokenizeConfig,
                          f"use a new output directory")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        # where the tokenizers came from: `loom convert to-hf --format emu3` packs them with the model
-        write_json_atomic(vocab_file, {"layout": layout.to_dict(), "fingerprint": fp, "image_size": geometry.size,
+        # where the tokenizers came from: `loom convert to-hf --format emu3` packs them with the model. The
+        # vocabulary keeps its file key "layout" (vocab.json and manifest.json), so existing token shards still read
+        write_json_atomic(vocab_file, {"layout": vocabulary.to_dict(), "fingerprint": fp, "image_size": geometry.size,
                                        "geometry": vars(geometry),
                                        "visual_tokenizer": str(Path(cfg.visual_tokenizer).resolve())})
         shutil.copy(cfg.text_tokenizer, out / "text_tokenizer.model")
@@ -102,7 +103,7 @@ def duplicates(files: list[Path], mine: list[Path]) -> dict[Path, frozenset]:
     return out
 
 
-def merge_source(out: Path, inputs: list[Path], layout: VocabLayout, fp: str) -> dict:
+def merge_source(out: Path, inputs: list[Path], vocabulary: Vocabulary, fp: str) -> dict:
     """The source's manifest.json (the loader reads it) from its files' counts."""
     documents, tokens, skipped, shards, failed = 0, Counter(), Counter(), [], {}
     for path in inputs:
@@ -115,7 +116,7 @@ def merge_source(out: Path, inputs: list[Path], layout: VocabLayout, fp: str) ->
         if stats.get("failed"):
             failed[path.name] = stats["failed"]
     manifest = {"documents": documents, "tokens": dict(tokens), "skipped": dict(skipped), "failed_shards": failed,
-                "shards": shards, "fingerprint": fp, "layout": layout.to_dict()}
+                "shards": shards, "fingerprint": fp, "layout": vocabulary.to_dict()}
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
 
@@ -134,13 +135,13 @@ def run_tokenize(cfg: TokenizeConfig, rank: int = 0, world_size: int = 1, log=pr
     root = Path(cfg.out_dir)
     text, visual = TextTokenizer(cfg.text_tokenizer), VisualTokenizer.from_pretrained(cfg.visual_tokenizer)
     visual.to(encoder_device(cfg.device))
-    layout = VocabLayout(text.vocab_size, visual.codebook_size)
-    fp = fingerprint(layout, cfg.text_tokenizer, cfg.visual_tokenizer)
+    vocabulary = Vocabulary(text.vocab_size, visual.codebook_size)
+    fp = fingerprint(vocabulary, cfg.text_tokenizer, cfg.visual_tokenizer)
     inputs = {src.name: list_inputs(src) for src in cfg.sources}
     work = [(src, path) for src in cfg.sources for path in inputs[src.name]]
     mine = work[rank::world_size]
     for src in cfg.sources:
-        prepare_output(root / src.name, layout, fp, cfg, cfg.geometry, rank)
+        prepare_output(root / src.name, vocabulary, fp, cfg, cfg.geometry, rank)
     wait_for([root / src.name / "vocab.json" for src in cfg.sources], "vocabulary files", log)
 
     drop: dict[tuple[str, Path], frozenset] = {}
@@ -155,7 +156,8 @@ def run_tokenize(cfg: TokenizeConfig, rank: int = 0, world_size: int = 1, log=pr
         for f, keys in duplicates(files, list(own)).items():
             drop[(src.name, own[f])] = keys
 
-    encoders = {src.name: DocumentEncoder(text, visual, layout, src.filters.geometry(cfg.geometry), cfg.video_frames)
+    encoders = {src.name: DocumentEncoder(text, visual, vocabulary, src.filters.geometry(cfg.geometry),
+                                          cfg.video_frames)
                 for src in cfg.sources}
     start, documents = time.time(), 0
     for n, (src, path) in enumerate(mine, 1):
@@ -177,7 +179,7 @@ def run_tokenize(cfg: TokenizeConfig, rank: int = 0, world_size: int = 1, log=pr
     if rank != 0:
         return {}
     wait_for([root / s.name / f"tokens-{p.stem}.json" for s, p in work], "input files", log)
-    per_source = {src.name: merge_source(root / src.name, inputs[src.name], layout, fp) for src in cfg.sources}
+    per_source = {src.name: merge_source(root / src.name, inputs[src.name], vocabulary, fp) for src in cfg.sources}
     if not merged:
         return next(iter(per_source.values()))
     total_tokens, skipped = Counter(), Counter()
@@ -185,7 +187,7 @@ def run_tokenize(cfg: TokenizeConfig, rank: int = 0, world_size: int = 1, log=pr
         total_tokens.update(m["tokens"])
         skipped.update(m["skipped"])
     manifest = {"documents": sum(m["documents"] for m in per_source.values()), "tokens": dict(total_tokens),
-                "skipped": dict(skipped), "fingerprint": fp, "layout": layout.to_dict(),
+                "skipped": dict(skipped), "fingerprint": fp, "layout": vocabulary.to_dict(),
                 "failed_shards": {f"{name}/{k}": v for name, m in per_source.items()
                                   for k, v in m["failed_shards"].items()},
                 "sources": {name: {k: m[k] for k in ("documents", "tokens", "skipped", "shards")}

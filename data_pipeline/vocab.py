@@ -3,13 +3,14 @@
     ids [0, T)          sentencepiece pieces (byte fallback on)
         [T, T+S)        special tokens (SPECIAL_TOKENS, in this order)
         [T+S, T+S+K)    visual codes 0..K-1, named <|visual token 000123|>
-    the model pads the embedding to a multiple of model.vocab_pad_multiple (not part of the layout)
+    the model pads the embedding to a multiple of model.vocab_pad_multiple (not part of the vocabulary)
 
+The sequence format of images and videos (DocumentEncoder in data_pipeline/tokenize.py writes it):
 image: <|image start|> "{h}*{w}" <|image token|> row_1 <|eol|> ... row_h <|eol|> <|eof|> <|image end|>
 video: <|video start|> "{t}*{h}*{w}" <|image token|> frame_1 ... frame_t <|video end|>,
        each frame laid out as the rows of an image followed by <|eof|>
 
-The fingerprint hashes the layout, the sentencepiece model and the VQ weights: token shards and
+The fingerprint hashes the vocabulary, the sentencepiece model and the VQ weights: token shards and
 checkpoints record it, and training refuses data whose fingerprint differs from the model's.
 """
 
@@ -32,7 +33,7 @@ LOSS_KIND_NAMES = {TEXT: "text", IMAGE: "image", VIDEO: "video", VISUAL_STRUCTUR
 
 
 @dataclass(frozen=True)
-class VocabLayout:
+class Vocabulary:
     text_size: int
     codebook_size: int
     special_tokens: tuple[str, ...] = SPECIAL_TOKENS
@@ -65,7 +66,7 @@ class VocabLayout:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VocabLayout":
+    def from_dict(cls, d: dict) -> "Vocabulary":
         return cls(d["text_size"], d["codebook_size"], tuple(d["special_tokens"]))
 
 
@@ -77,9 +78,9 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def fingerprint(layout: VocabLayout, text_model: str | Path, vq_dir: str | Path) -> str:
-    """sha256 over the layout, the text tokenizer file and the VQ weight files (first 16 hex digits)."""
-    h = hashlib.sha256(json.dumps(layout.to_dict(), sort_keys=True).encode())
+def fingerprint(vocabulary: Vocabulary, text_model: str | Path, vq_dir: str | Path) -> str:
+    """sha256 over the vocabulary, the text tokenizer file and the VQ weight files (first 16 hex digits)."""
+    h = hashlib.sha256(json.dumps(vocabulary.to_dict(), sort_keys=True).encode())
     h.update(_file_digest(Path(text_model)).encode())
     for weights in sorted(Path(vq_dir).glob("*.safetensors")):
         h.update(_file_digest(weights).encode())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import Emu3VQVAEConfig
 
-from pretrain.config import ConfigError, build, doc, load_tree
+from common.config import ConfigError, build, doc, load_tree
 
 from .media import Geometry
 from .tokenize_config import TokenizeSource
@@ -53,7 +53,7 @@ class VQDataConfig:
     raw: list[str] = doc("Raw-document shard directories with the images and videos to train on.",
                          factory=list)
     sources: list[TokenizeSource] = doc("Inputs in the formats `loom data tokenize` reads (img2dataset shards, "
-                                        "video-caption shards, interleaved rows; README 'Point Loom at your "
+                                        "video-caption shards, interleaved rows; docs/data.md 'Point Loom at your "
                                         "data'), besides or instead of `raw`; their caption filters apply.",
                                         factory=list)
     geometry: Geometry = doc("Size of images and video frames, and the limits that skip an input.",
@@ -140,8 +140,11 @@ def validate_vq(cfg: VQConfig, world_size: int = 1) -> None:
         raise ConfigError("checkpoint.keep_last must be at least 1")
 
 
-def load_vq_config(path: str | Path | None, overrides: list[str] = (), world_size: int = 1) -> VQConfig:
+def load_vq_config(path: str | Path | None, overrides: list[str] = (), world_size: int = 1,
+                   launching: bool = False) -> VQConfig:
+    """Build and validate, once per process. world_size: the processes training; launching: this process
+    starts them (nproc_per_node)."""
     cfg = build(VQConfig, load_tree(path, overrides))
-    validate_vq(cfg, world_size)
+    validate_vq(cfg, cfg.nproc_per_node if launching else world_size)
     return cfg
 

@@ -79,7 +79,7 @@ class Reconstructions:
 
 
 def grid_tokens(h: int, w: int) -> int:
-    """Sequence tokens of one h x w frame in the layout (rows + eol each, then eof; DESIGN §2)."""
+    """Sequence tokens of one h x w frame in the sequence format (rows + eol each, then eof; DESIGN §2)."""
     return h * (w + 1) + 1
 
 

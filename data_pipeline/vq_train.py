@@ -28,9 +28,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from checkpoints_utils.manifest import COMPLETE
-from pretrain.config import dump_yaml
-from pretrain.metrics import MetricsLogger
+from common.checkpoint_folders import checkpoint_root, latest_tag, mark_complete, prune, tag_for
+from common.config import dump_yaml
+from common.distributed import init_process_group
+from common.metrics import MetricsLogger
 
 from .media import MediaError, decode_image, read_video
 from .raw import SkipCounter
@@ -209,27 +210,14 @@ def build_tokenizer(cfg: VQConfig) -> VisualTokenizer:
     return tok
 
 
-def checkpoint_root(cfg: VQConfig) -> Path:
-    return Path(cfg.out_dir) / "checkpoints"
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint folders marked COMPLETE (the marker of checkpoints_utils), oldest first."""
-    return sorted(p for p in root.glob("step_*") if (p / COMPLETE).exists()) if root.is_dir() else []
-
-
-def latest_checkpoint(cfg: VQConfig) -> Path | None:
-    done = complete_checkpoints(checkpoint_root(cfg))
-    return done[-1] if done else None
-
-
 def save_checkpoint(cfg: VQConfig, step: int, tok: VisualTokenizer, optimizer, keeper: CodebookKeeper,
                     sampler_states: list, rank: int) -> None:
-    """Rank 0 writes step_N.tmp, renames it to step_N, marks it COMPLETE and prunes old ones."""
+    """Rank 0 writes step_N.tmp, renames it to step_N, marks it COMPLETE and prunes old ones (the folders of
+    common/checkpoint_folders.py, as the language model's trainer)."""
     if rank != 0:
         return
-    root = checkpoint_root(cfg)
-    final, tmp = root / f"step_{step:07d}", root / f"step_{step:07d}.tmp"
+    root = checkpoint_root(cfg.out_dir)
+    final, tmp = root / tag_for(step), root / f"{tag_for(step)}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tok.save_pretrained(tmp / "vq")
@@ -238,9 +226,8 @@ def save_checkpoint(cfg: VQConfig, step: int, tok: VisualTokenizer, optimizer, k
     dump_yaml(cfg, tmp / "config.yaml")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    (final / COMPLETE).write_text("complete\n")
-    for old in complete_checkpoints(root)[:-cfg.checkpoint.keep_last]:
-        shutil.rmtree(old)
+    mark_complete(final)
+    prune(cfg.out_dir, cfg.checkpoint.keep_last)
 
 
 def log_images(logger: MetricsLogger, step: int, originals: torch.Tensor, recon: torch.Tensor, tag: str) -> None:
@@ -292,17 +279,6 @@ def check_replicas_agree(tok: VisualTokenizer, step: int) -> None:
         raise RuntimeError(f"step {step}: the weights of rank(s) {differ} differ from rank 0's; not saving")
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank() if dist.is_initialized() else 0), world_size, device
-
-
 def gather(obj, world_size: int) -> list:
     """`obj` of every rank (a list of one without a process group)."""
     if not dist.is_initialized():
@@ -315,9 +291,10 @@ def gather(obj, world_size: int) -> list:
 def restore(cfg: VQConfig, tok: VisualTokenizer, optimizer, keeper: CodebookKeeper, sampler: ClipSampler,
             rank: int, world_size: int, say) -> int:
     """Load the latest complete checkpoint of `cfg.out_dir`, if any; returns its step (0 if none)."""
-    resume = latest_checkpoint(cfg)
-    if resume is None:
+    tag = latest_tag(cfg.out_dir)
+    if tag is None:
         return 0
+    resume = checkpoint_root(cfg.out_dir) / tag
     state = torch.load(resume / "state.pt", weights_only=False)
     tok.vq.load_state_dict(VisualTokenizer.from_pretrained(resume / "vq").vq.state_dict())
     optimizer.load_state_dict(state["optimizer"])
@@ -343,7 +320,8 @@ def progress_record(stats: dict, keeper: CodebookKeeper, world_size: int) -> dic
 
 def train_vq(cfg: VQConfig, log=print) -> dict:
     """Train (or resume) the tokenizer described by `cfg`; returns the summary rank 0 writes."""
-    rank, world_size, device = setup_distributed()
+    process = init_process_group(alone=False)  # one process trains without a group
+    rank, world_size, device = process.rank, process.world_size, process.device
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world_size))
     out, start, skipped = Path(cfg.out_dir), time.time(), SkipCounter()
     say = log if rank == 0 else (lambda message: None)

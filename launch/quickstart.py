@@ -56,7 +56,8 @@ def quickstart(out: str, docs: int, steps: int | None, vq_steps: int | None = No
     from data_pipeline.tokenize_job import tokenize
     from data_pipeline.vq_config import VQConfig, load_vq_config
     from data_pipeline.vq_train import train_vq
-    from pretrain.config import build, load_config, load_tree
+    from common.config import build, load_tree
+    from pretrain.config import load_config
 
     from .torchrun import run_torchrun
 
@@ -107,7 +108,7 @@ def quickstart(out: str, docs: int, steps: int | None, vq_steps: int | None = No
               f"{summary['final_loss'].get(kind, float('nan')):.3f})")
     print(f"  tokens seen (with loss): {summary['consumed_tokens']}")
     if summary.get("shapes_eval"):
-        from pretrain.shapes_eval import format_table
+        from analysis.shapes_eval import format_table
 
         print(f"  ShapesEval of the final checkpoint ({train_dir / 'shapes_eval'}):")
         table = format_table(summary["shapes_eval"], cfg.samples.shapes_eval_per_category)

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from data_pipeline.shards import read_json
-from pretrain.config import ConfigError, TrainConfig
+from common.config import ConfigError
+from pretrain.config import TrainConfig
 
 
 def inside_torchrun() -> bool:
@@ -83,3 +84,22 @@ def preempted_since(out_dir: str, started: float) -> bool:
         return summary.stat().st_mtime >= started and bool(json.loads(summary.read_text()).get("preempted"))
     except (OSError, ValueError):
         return False
+
+
+def reexec_under_torchrun(args, loom_argv: list[str], nproc: int, out_dir: str | None = None,
+                          always: bool = False) -> int | None:
+    """The one way a command runs itself on several processes: outside torchrun, with nproc > 1 (or `always`),
+    start torchrun running `loom loom_argv` (with --debug passed on) and return its exit code. Inside torchrun, or
+    for one process: None, and the caller does the work in this process."""
+    if inside_torchrun() or (nproc == 1 and not always):
+        return None
+    return run_torchrun((["--debug"] if args.debug else []) + loom_argv, nproc, out_dir)
+
+
+def exit_now(code: int) -> None:
+    """End a finished worker without Python's interpreter teardown (about 2 s of freeing torch, megatron and
+    DeepSpeed modules per process, and the place where process-group destructors can hang): every file of the
+    run is closed by now; only the standard streams need flushing."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,1 +1,1 @@
-"""The model, parallelism, training loop and config."""
+"""The model, its parallelism, the training loop and the trainer's own checkpoints, and the training config."""

@@ -5,7 +5,9 @@ chameleon preset adds qk-norm (LayerNorm with bias over head_dim, per head), swi
 
 Tensors are sequence-first, megatron's convention: s = sequence, b = batch, d = model width,
 h = local heads (n_heads / TP), g = local kv heads, hd = head_dim, v = local vocabulary shard.
-The megatron layers split themselves along the TP group; this file has no other parallel code.
+Every module is handed `tp`: megatron's layer config and the tensor-parallel process group the megatron
+layers split themselves along (and the source of the TP size and rank used here, e.g. for the local
+heads); this file has no other parallel code. The loss over the vocabulary shards is pretrain/loss.py.
 Weights are initialised on the CPU as whole matrices and then split (megatron's
 `use_cpu_initialization`), so every layout starts from the same model for the same seed.
 """
@@ -14,14 +16,32 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from .config import ModelConfig
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """What the model is built for: megatron's layer config and the tensor-parallel group."""
+
+    config: ModelParallelConfig
+    group: dist.ProcessGroup
+
+    @property
+    def size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
 
 
 def identity(t: torch.Tensor) -> torch.Tensor:
@@ -122,19 +142,18 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, init, out_init):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, init, out_init):
         super().__init__()
-        tp = parallel_state.get_tensor_model_parallel_world_size()
         self.head_dim, self.q_per_kv = cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
-        self.local_kv = cfg.n_kv_heads // tp
+        self.local_kv = cfg.n_kv_heads // tp.size
         # Fused QKV, grouped by kv head: [q of group 0, k_0, v_0, q of group 1, ...], so a
         # contiguous TP split hands each rank whole groups whatever the TP size.
         self.qkv = tensor_parallel.ColumnParallelLinear(
-            cfg.dim, cfg.n_kv_heads * (self.q_per_kv + 2) * cfg.head_dim, config=mp, init_method=init,
-            bias=False, gather_output=False)
+            cfg.dim, cfg.n_kv_heads * (self.q_per_kv + 2) * cfg.head_dim, config=tp.config, init_method=init,
+            bias=False, gather_output=False, tp_group=tp.group)
         self.out = tensor_parallel.RowParallelLinear(
-            cfg.n_heads * cfg.head_dim, cfg.dim, config=mp, init_method=out_init, bias=False,
-            input_is_parallel=True, skip_bias_add=False)
+            cfg.n_heads * cfg.head_dim, cfg.dim, config=tp.config, init_method=out_init, bias=False,
+            input_is_parallel=True, skip_bias_add=False, tp_group=tp.group)
         self.q_norm = HeadLayerNorm(self.local_kv * self.q_per_kv, cfg.head_dim, cfg.norm_eps) \
             if cfg.qk_norm else None
         self.k_norm = HeadLayerNorm(self.local_kv, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
@@ -160,16 +179,17 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, init, out_init):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, init, out_init):
         super().__init__()
         # gate and up are separate column-parallel layers: a fused [gate; up] matrix would mean a
         # different function for each TP size.
-        self.gate = tensor_parallel.ColumnParallelLinear(cfg.dim, cfg.ffn_dim, config=mp, init_method=init,
-                                                         bias=False, gather_output=False)
-        self.up = tensor_parallel.ColumnParallelLinear(cfg.dim, cfg.ffn_dim, config=mp, init_method=init,
-                                                       bias=False, gather_output=False)
-        self.down = tensor_parallel.RowParallelLinear(cfg.ffn_dim, cfg.dim, config=mp, init_method=out_init,
-                                                      bias=False, input_is_parallel=True, skip_bias_add=False)
+        self.gate = tensor_parallel.ColumnParallelLinear(cfg.dim, cfg.ffn_dim, config=tp.config, init_method=init,
+                                                         bias=False, gather_output=False, tp_group=tp.group)
+        self.up = tensor_parallel.ColumnParallelLinear(cfg.dim, cfg.ffn_dim, config=tp.config, init_method=init,
+                                                       bias=False, gather_output=False, tp_group=tp.group)
+        self.down = tensor_parallel.RowParallelLinear(cfg.ffn_dim, cfg.dim, config=tp.config, init_method=out_init,
+                                                      bias=False, input_is_parallel=True, skip_bias_add=False,
+                                                      tp_group=tp.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                   # x: (s, b, d)
         gate, _ = self.gate(x)                                             # (s, b, ffn/tp)
@@ -200,12 +220,12 @@ def init_methods(cfg: ModelConfig):
 class Embedding(nn.Module):
     """Layer 0: token ids (b, s) -> hidden states (s, b, d), or (s/tp, b, d) under SP."""
 
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, seed: int):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int):
         super().__init__()
         with layer_seed(seed, 0):
             self.embed = tensor_parallel.VocabParallelEmbedding(
-                cfg.padded_vocab_size, cfg.dim, config=mp, init_method=init_methods(cfg)[0],
-                reduce_scatter_embeddings=mp.sequence_parallel)
+                cfg.padded_vocab_size, cfg.dim, config=tp.config, init_method=init_methods(cfg)[0],
+                reduce_scatter_embeddings=tp.config.sequence_parallel, tp_group=tp.group)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
@@ -215,15 +235,15 @@ class Embedding(nn.Module):
 class Block(nn.Module):
     """Layer i (1..n_layers): one transformer block."""
 
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, seed: int, layer: int):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int, layer: int):
         super().__init__()
         with layer_seed(seed, layer):
             init, out_init = init_methods(cfg)
             self.swin_norm = cfg.swin_norm
             self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-            self.attn = Attention(cfg, mp, init, out_init)
+            self.attn = Attention(cfg, tp, init, out_init)
             self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-            self.mlp = SwiGLU(cfg, mp, init, out_init)
+            self.mlp = SwiGLU(cfg, tp, init, out_init)
 
     def forward(self, x, cos, sin, mask, cache: tuple[KVCache, int] | None = None):  # x: (s, b, d)
         if self.swin_norm:  # Chameleon: normalise each sublayer's output before the residual add
@@ -239,15 +259,15 @@ class Head(nn.Module):
     The padding rows of the vocabulary get -inf logits: the model is a distribution over the real
     vocabulary only, as the exported Hugging Face model (which has no padding rows) is."""
 
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, seed: int):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int):
         super().__init__()
         with layer_seed(seed, cfg.n_layers + 1):
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
             self.output = tensor_parallel.ColumnParallelLinear(
-                cfg.dim, cfg.padded_vocab_size, config=mp, init_method=init_methods(cfg)[0], bias=False,
-                gather_output=False)
-        local = cfg.padded_vocab_size // parallel_state.get_tensor_model_parallel_world_size()
-        first = parallel_state.get_tensor_model_parallel_rank() * local
+                cfg.dim, cfg.padded_vocab_size, config=tp.config, init_method=init_methods(cfg)[0], bias=False,
+                gather_output=False, tp_group=tp.group)
+        local = cfg.padded_vocab_size // tp.size
+        first = tp.rank * local
         self.register_buffer("padding", torch.arange(first, first + local) >= cfg.vocab_size, persistent=False)
         self.has_padding = bool(self.padding.any())
 
@@ -263,12 +283,12 @@ def attention_inputs(positions: torch.Tensor, doc_ids: torch.Tensor, cfg: ModelC
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, seed: int):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int):
         super().__init__()
         self.cfg = cfg
-        self.embed = Embedding(cfg, mp, seed)
-        self.blocks = nn.ModuleList(Block(cfg, mp, seed, i + 1) for i in range(cfg.n_layers))
-        self.head = Head(cfg, mp, seed)
+        self.embed = Embedding(cfg, tp, seed)
+        self.blocks = nn.ModuleList(Block(cfg, tp, seed, i + 1) for i in range(cfg.n_layers))
+        self.head = Head(cfg, tp, seed)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -285,41 +305,3 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, None if cache is None else (cache, i))
         return self.head(x if cache is None else x[-1:])
-
-
-def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """logsumexp over the full vocabulary when each TP rank holds a shard: (s, b, v) -> (s, b)."""
-    local_max = logits.max(dim=-1).values.detach()
-    global_max = local_max.clone()
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        torch.distributed.all_reduce(global_max, op=torch.distributed.ReduceOp.MAX,
-                                     group=parallel_state.get_tensor_model_parallel_group())
-    sum_exp = (logits - global_max[..., None]).exp().sum(dim=-1)
-    sum_exp = tensor_parallel.reduce_from_tensor_model_parallel_region(sum_exp)
-    return sum_exp.log() + global_max
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_kind: torch.Tensor, z_loss: float,
-            normalizer: float | torch.Tensor | None = None, num_kinds: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy (+ z-loss) summed over positions with loss_kind > 0, divided by `normalizer`
-    (default: this batch's count of such positions), and per-kind sums.
-
-    logits (s, b, v) local shard; targets, loss_kind (b, s). Returns the scalar loss and a
-    (2, num_kinds) tensor of [loss sum, token count] per kind, for exact logging across ranks.
-    """
-    targets, loss_kind = targets.t().contiguous(), loss_kind.t().contiguous()  # (s, b)
-    logits32 = logits.float()
-    # megatron's cross-entropy overwrites its input (in-place exp): give it a copy whenever the
-    # logits are used again (by the caller, or by the z-loss)
-    shared = z_loss or logits32.data_ptr() == logits.data_ptr()
-    ce_input = logits32.clone() if shared else logits32
-    per_token = tensor_parallel.vocab_parallel_cross_entropy(ce_input, targets)  # (s, b)
-    valid = (loss_kind > 0).float()
-    count = valid.sum().clamp(min=1) if normalizer is None else normalizer
-    loss = (per_token * valid).sum() / count
-    if z_loss:
-        loss = loss + z_loss * (vocab_parallel_logsumexp(logits32).pow(2) * valid).sum() / count
-    with torch.no_grad():
-        kind_onehot = F.one_hot(loss_kind.long(), num_kinds).float()      # (s, b, kinds)
-        sums = torch.stack([(per_token.detach()[..., None] * kind_onehot).sum((0, 1)), kind_onehot.sum((0, 1))])
-    return loss, sums

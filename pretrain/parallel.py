@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
+from common.distributed import init_process_group
 from . import accelerator  # noqa: F401  (before DeepSpeed)
 from .config import TrainConfig
 
@@ -26,12 +25,14 @@ from megatron.core import parallel_state, tensor_parallel  # noqa: E402
 from megatron.core.model_parallel_config import ModelParallelConfig  # noqa: E402
 
 from . import megatron_cpu  # noqa: E402
-from .model import Block, RMSNorm, Transformer  # noqa: E402
+from .model import Block, RMSNorm, TensorParallel, Transformer  # noqa: E402
 from .pipeline import pipeline_module  # noqa: E402
 
 
 @dataclass(frozen=True)
 class Layout:
+    """This process's place in the parallel layout: global rank, the TP/PP/DP sizes, its data-parallel rank."""
+
     rank: int
     world_size: int
     local_rank: int
@@ -44,29 +45,26 @@ class Layout:
 
 def init_distributed(cfg: TrainConfig) -> Layout:
     """torch.distributed from torchrun's environment, then megatron's TP/PP/DP groups."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    backend = cfg.parallel.backend
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        # longer than the watchdog's step timeout (pretrain/resilience.py), whose message says more
-        timeout = timedelta(seconds=cfg.faults.step_timeout_s + 60)
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    if device.type == "cpu":
+    # the group's timeout is longer than the watchdog's step timeout (pretrain/resilience.py), whose message says more
+    process = init_process_group(cfg.parallel.backend, timeout_s=cfg.faults.step_timeout_s + 60)
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    if process.device.type == "cpu":
         megatron_cpu.apply()
     p = cfg.parallel
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp)
-    return Layout(rank, world, local_rank, p.tp, p.pp, world // (p.tp * p.pp),
-                  parallel_state.get_data_parallel_rank(), device)
+    return Layout(process.rank, process.world_size, process.local_rank, p.tp, p.pp,
+                  process.world_size // (p.tp * p.pp), parallel_state.get_data_parallel_rank(), process.device)
+
+
+def single_process_groups() -> None:
+    """A one-process gloo group and megatron's TP/PP groups of size 1, for tools that run a checkpoint's model
+    in one process (evaluation, generation)."""
+    if not dist.is_initialized():
+        # an in-memory store: no port, and no rendezvous with a torchrun job this process may have been
+        # started from (under TORCHELASTIC_USE_AGENT_STORE a tcp:// group would wait for that job's store)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
 
 
 def destroy_distributed() -> None:
@@ -102,6 +100,11 @@ def megatron_config(cfg: TrainConfig) -> ModelParallelConfig:
         # Whole weights are initialised on the CPU and then split: the same model for any layout.
         use_cpu_initialization=True, perform_initialization=True, params_dtype=torch.float32,
         gradient_accumulation_fusion=False)
+
+
+def tensor_parallel_of(cfg: TrainConfig) -> TensorParallel:
+    """What the model is built for: megatron's layer config and megatron's TP group of this rank."""
+    return TensorParallel(megatron_config(cfg), parallel_state.get_tensor_model_parallel_group())
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -175,11 +178,11 @@ def parallelize(cfg: TrainConfig, layout: Layout, pipeline_loss=None):
        megatron's groups through MegatronMPU (plain engine) or the matching pipeline topology.
     Returns the DeepSpeed engine (a PipelineEngine when pp > 1).
     """
-    mp = megatron_config(cfg)
+    tp = tensor_parallel_of(cfg)
     if cfg.parallel.pp > 1:
-        model = pipeline_module(cfg, mp, pipeline_loss, layout.dp)
+        model = pipeline_module(cfg, tp, pipeline_loss, layout.dp)
     else:
-        model = Transformer(cfg.model, mp, cfg.seed)
+        model = Transformer(cfg.model, tp, cfg.seed)
     if cfg.parallel.sequence_parallel:
         sequence_parallel_norms(model)
     activation_checkpointing(model, cfg.model.activation_checkpointing)

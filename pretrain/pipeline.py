@@ -22,8 +22,8 @@ class EmbeddingPipe(Embedding):
 
 
 class BlockPipe(Block):
-    def __init__(self, cfg, mp, seed, layer):
-        super().__init__(cfg, mp, seed, layer)
+    def __init__(self, cfg, tp, seed, layer):
+        super().__init__(cfg, tp, seed, layer)
         self.cfg = cfg
 
     def forward(self, inputs):
@@ -36,11 +36,11 @@ class HeadPipe(Head):
         return super().forward(inputs[0])
 
 
-def pipeline_module(cfg: TrainConfig, mp, loss_fn, dp: int) -> PipelineModule:
+def pipeline_module(cfg: TrainConfig, tp, loss_fn, dp: int) -> PipelineModule:
     m = cfg.model
-    layers = [LayerSpec(EmbeddingPipe, m, mp, cfg.seed),
-              *(LayerSpec(BlockPipe, m, mp, cfg.seed, i + 1) for i in range(m.n_layers)),
-              LayerSpec(HeadPipe, m, mp, cfg.seed)]
+    layers = [LayerSpec(EmbeddingPipe, m, tp, cfg.seed),
+              *(LayerSpec(BlockPipe, m, tp, cfg.seed, i + 1) for i in range(m.n_layers)),
+              LayerSpec(HeadPipe, m, tp, cfg.seed)]
     # DeepSpeed's topology with axes (pipe, data, model) orders ranks as megatron's tp-dp-pp
     topology = PipeModelDataParallelTopology(num_pp=cfg.parallel.pp, num_mp=cfg.parallel.tp, num_dp=dp)
     return PipelineModule(layers=layers, loss_fn=loss_fn, topology=topology, partition_method="type:BlockPipe")

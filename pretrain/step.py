@@ -13,9 +13,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from data_pipeline.vocab import LOSS_KIND_NAMES
-from . import faults
-from .model import lm_loss
-from .resilience import WATCHDOG, phase
+from .hooks import TrainHooks
+from .loss import lm_loss
+from .resilience import phase
 
 NUM_KINDS = len(LOSS_KIND_NAMES) + 1
 
@@ -24,42 +24,37 @@ class PipelineLoss:
     """The last pipeline stage's loss_fn: the same lm_loss, collecting per-kind sums for logging."""
 
     def __init__(self, z_loss: float):
-        self.z_loss, self.normalizer, self.sums, self.poison = z_loss, None, None, False
+        self.z_loss, self.normalizer, self.sums = z_loss, None, None
+        self.on_loss = None  # (loss, sums) -> (loss, sums) of the step being trained: the hooks' point
 
     def __call__(self, logits: torch.Tensor, labels) -> torch.Tensor:
         targets, loss_kind = labels
         loss, sums = lm_loss(logits, targets, loss_kind, self.z_loss, self.normalizer)
-        if self.poison:
-            loss, sums = poisoned(loss, sums)
+        if self.on_loss is not None:
+            loss, sums = self.on_loss(loss, sums)
         self.sums = sums if self.sums is None else self.sums + sums
         return loss
 
 
-def poisoned(loss: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The NaN loss of fault injection (faults.py, point 'nan'): the loss sums turn NaN, the counts stay."""
-    nan = torch.tensor(float("nan"), device=loss.device)
-    return loss * nan, sums * torch.tensor([[float("nan")], [1.0]], device=sums.device)
-
-
-def global_count(micro: list[dict], device) -> torch.Tensor:
+def global_count(micro: list[dict], device, step: int, hooks: TrainHooks) -> torch.Tensor:
     """Loss-bearing tokens in the whole global batch (all data-parallel ranks)."""
     count = torch.tensor(float(sum(int((mb["loss_kind"] > 0).sum()) for mb in micro)), device=device)
     with phase("the data-parallel all-reduce of the batch's loss-token count"):
-        faults.maybe_hang(WATCHDOG.step, dist.get_rank())
+        hooks.step_started(step, dist.get_rank())
         dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
     return count.clamp(min=1)
 
 
 def run_step(engine, micro: list[dict], z_loss: float, layout, pipeline_loss: PipelineLoss | None,
-             train: bool = True) -> tuple[torch.Tensor, bool]:
-    """Forward (and backward and update when `train`) of the micro-batches. Returns the per-kind
-    [loss sum, count] of the whole global batch (2, kinds), the same on every rank, and whether this
-    rank's own loss was not finite (before the all-reduces spread it)."""
+             train: bool = True, step: int = 0, hooks: TrainHooks = TrainHooks()) -> tuple[torch.Tensor, bool]:
+    """Forward (and backward and update when `train`) of the micro-batches of optimizer step `step`. Returns
+    the per-kind [loss sum, count] of the whole global batch (2, kinds), the same on every rank, and whether
+    this rank's own loss was not finite (before the all-reduces spread it)."""
     micro = [{k: v.to(layout.device) for k, v in mb.items()} for mb in micro]
-    normalizer = global_count(micro, layout.device) / (layout.dp * len(micro))
-    poison = train and faults.injected("nan", WATCHDOG.step, layout.rank)
+    normalizer = global_count(micro, layout.device, step, hooks) / (layout.dp * len(micro))
+    on_loss = (lambda loss, sums: hooks.micro_batch_loss(step, layout.rank, loss, sums)) if train else None
     with phase("forward, backward and optimizer step (tensor-, pipeline- and data-parallel collectives)"):
-        sums = forward_backward(engine, micro, z_loss, layout, pipeline_loss, train, normalizer, poison)
+        sums = forward_backward(engine, micro, z_loss, layout, pipeline_loss, train, normalizer, on_loss)
     local_bad = not bool(torch.isfinite(sums).all())
     with phase("the all-reduce of the loss sums"):
         if pipeline_loss is not None:
@@ -69,17 +64,17 @@ def run_step(engine, micro: list[dict], z_loss: float, layout, pipeline_loss: Pi
 
 
 def forward_backward(engine, micro: list[dict], z_loss: float, layout, pipeline_loss: PipelineLoss | None,
-                     train: bool, normalizer: torch.Tensor, poison: bool) -> torch.Tensor:
+                     train: bool, normalizer: torch.Tensor, on_loss) -> torch.Tensor:
     """This rank's part: its per-kind sums (zeros on pipeline stages before the last)."""
     if pipeline_loss is not None:
-        pipeline_loss.normalizer, pipeline_loss.sums, pipeline_loss.poison = normalizer, None, poison
+        pipeline_loss.normalizer, pipeline_loss.sums, pipeline_loss.on_loss = normalizer, None, on_loss
         batches = iter([((mb["tokens"], mb["positions"], mb["doc_ids"]), (mb["targets"], mb["loss_kind"]))
                         for mb in micro])
         if train:
             engine.train_batch(data_iter=batches)
         else:
             engine.eval_batch(data_iter=batches, num_micro_batches=len(micro))
-        pipeline_loss.poison = False
+        pipeline_loss.on_loss = None
         if pipeline_loss.sums is None:  # stages before the last have no loss
             return torch.zeros(2, NUM_KINDS, device=layout.device)
         return pipeline_loss.sums
@@ -88,8 +83,8 @@ def forward_backward(engine, micro: list[dict], z_loss: float, layout, pipeline_
         with torch.set_grad_enabled(train):
             logits = engine(mb["tokens"], mb["positions"], mb["doc_ids"])
             loss, batch_sums = lm_loss(logits, mb["targets"], mb["loss_kind"], z_loss, normalizer)
-        if poison:
-            loss, batch_sums = poisoned(loss, batch_sums)
+        if on_loss is not None:
+            loss, batch_sums = on_loss(loss, batch_sums)
         if train:
             engine.backward(loss)
             engine.step()  # applies the update at the accumulation boundary only

@@ -1,4 +1,8 @@
-"""The training loop. Runs inside torchrun; `loom train` starts torchrun when called without it."""
+"""The training loop. Runs inside torchrun; `loom train` starts torchrun when called without it.
+
+`train` takes a validated config (pretrain.config.load_config, once per process) and hooks: code above
+the trainer (fault injection, samples during training) acts at their named points (pretrain/hooks.py).
+"""
 
 from __future__ import annotations
 
@@ -10,17 +14,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpoints_utils import checkpoint
+from common.checkpoint_folders import checkpoint_root, latest_tag
+from common.config import ConfigError, dump_yaml
+from common.metrics import MetricsLogger, read_metrics
 from data_pipeline.loader import Source, TokenLoader, read_manifest_fingerprints
 from data_pipeline.vocab import LOSS_KIND_NAMES
-from .config import ConfigError, TrainConfig, dump_yaml, validate
-from . import faults
+from . import checkpointing
+from .config import TrainConfig
 from .evaluate import evaluate
 from .flops import flops_per_token, measure_peak_tflops, peak_memory_gib
-from .metrics import MetricsLogger, bits_per_token, losses_by_kind, read_metrics, summarize
+from .hooks import Hooks, TrainHooks
+from .metrics import bits_per_token, losses_by_kind, summarize
 from .parallel import destroy_distributed, init_distributed, parallelize
 from .resilience import WATCHDOG, Preemption, TrainingError, check_step, draw_batch, observe_loss, phase
-from .samples import BackgroundSampler
 from .step import PipelineLoss, run_step
 from .train_state import TrainState
 
@@ -37,9 +43,9 @@ def open_sources(cfg: TrainConfig):
     return sources, eval_sources, fingerprint, layout
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, hooks: list[TrainHooks] = ()) -> dict:
+    hooks = Hooks(hooks)
     layout = init_distributed(cfg)
-    validate(cfg, layout.world_size)
     WATCHDOG.start(cfg.faults.step_timeout_s, layout.rank)
     preemption = Preemption()
     say = functools.partial(log, layout)
@@ -48,17 +54,17 @@ def train(cfg: TrainConfig) -> dict:
     if layout.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, run_dir / "config.yaml")
-    checkpoint.ensure_space(run_dir, cfg, "this run's checkpoints")  # refuse at start, not at the first save
+    checkpointing.ensure_space(run_dir, cfg, "this run's checkpoints")  # refuse at start, not at the first save
     pipeline_loss = PipelineLoss(cfg.model.z_loss) if cfg.parallel.pp > 1 else None
     engine = parallelize(cfg, layout, pipeline_loss)
-    loader = TokenLoader(sources, vocab, cfg.data.seq_len, cfg.data.global_batch_size, cfg.data.micro_batch_size,
-                         layout.dp_rank, layout.dp, cfg.data.seed)
-    state = resume(engine, loader, run_dir, cfg, fingerprint, say)
-    tag = checkpoint.latest_tag(run_dir)
+    d = cfg.data
+    loader = TokenLoader(sources, vocab, seq_len=d.seq_len, global_batch_size=d.global_batch_size,
+                         micro_batch_size=d.micro_batch_size, dp_rank=layout.dp_rank, dp_size=layout.dp, seed=d.seed)
+    state = resume(engine, loader, run_dir, cfg, fingerprint, say, hooks)
+    tag = latest_tag(run_dir)
     metrics = MetricsLogger(run_dir, layout.rank == 0, cfg.logging.tensorboard, state.step)
     peak = cfg.logging.peak_tflops or measure_peak_tflops(
         cfg.model.dim, torch.bfloat16 if cfg.parallel.bf16 else torch.float32, layout.device)
-    sampler = BackgroundSampler(cfg, layout.rank == 0, say)
     step_flops = flops_per_token(cfg.model, cfg.data.seq_len) * cfg.data.global_batch_size * cfg.data.seq_len
 
     def run_eval():
@@ -75,15 +81,15 @@ def train(cfg: TrainConfig) -> dict:
         WATCHDOG.step = state.step + 1
         micro = draw_batch(loader, state)
         start = time.time()
-        sums, local_bad = run_step(engine, micro, cfg.model.z_loss, layout, pipeline_loss)
+        sums, local_bad = run_step(engine, micro, cfg.model.z_loss, layout, pipeline_loss, step=state.step + 1,
+                                   hooks=hooks)
         seconds = time.time() - start
         state.step += 1
-        if faults.injected("spike", state.batches, layout.rank):
-            sums[0] *= 10
+        sums = hooks.step_sums(state.batches, layout.rank, sums)
         applied = check_step(engine, sums, local_bad, state, cfg.faults, layout.device, say)
         loss = losses_by_kind(sums.cpu())
         if applied and observe_loss(loss["total"], state, cfg.faults, say):
-            state = roll_back(engine, loader, metrics, run_dir, state, cfg, say)
+            state = roll_back(engine, loader, metrics, run_dir, state, cfg, say, hooks)
             continue
         for kind, name in LOSS_KIND_NAMES.items():
             state.consumed_tokens[name] += int(sums[1, kind])
@@ -106,22 +112,19 @@ def train(cfg: TrainConfig) -> dict:
         preempted = preemption.requested(layout.device)
         if last or preempted or (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0):
             with phase("checkpoint save"):
-                tag = checkpoint.save(engine, run_dir, state, cfg, cfg.checkpoint.keep_last, loader)
-            if sampler.due(state.step, last):
-                sampler.start(checkpoint.checkpoint_dir(run_dir) / tag, state.step)
+                tag = checkpointing.save(engine, run_dir, state, cfg, cfg.checkpoint.keep_last, loader, hooks)
+            hooks.checkpoint_complete(checkpoint_root(run_dir) / tag, state.step, last)
     if preempted:
         say(f"preempted ({preemption.signal_name or 'signal on another rank'}): saved {tag} at step {state.step}; "
             f"run the same command again to resume from it")
-        sampler.stop()
+        hooks.preempted()
     metrics.close()
-    shapes_accuracy = sampler.wait()
+    extra = hooks.finished()
     summary = {}
     if layout.rank == 0:
-        summary = {**summarize(read_metrics(run_dir)), "checkpoint": str(checkpoint.checkpoint_dir(run_dir) / tag),
+        summary = {**summarize(read_metrics(run_dir)), "checkpoint": str(checkpoint_root(run_dir) / tag),
                    "tensorboard": str(run_dir / "tensorboard"), "preempted": preempted,
-                   "skipped_steps": state.skipped_steps, "skipped_batches": state.skipped_batches}
-        if shapes_accuracy is not None:
-            summary["shapes_eval"] = shapes_accuracy
+                   "skipped_steps": state.skipped_steps, "skipped_batches": state.skipped_batches, **extra}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         say(f"trained {state.step} steps, {state.consumed_tokens['total']} loss tokens; "
             f"checkpoint {summary['checkpoint']}")
@@ -129,14 +132,14 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
-def resume(engine, loader, run_dir: Path, cfg: TrainConfig, fingerprint: str, say) -> TrainState:
+def resume(engine, loader, run_dir: Path, cfg: TrainConfig, fingerprint: str, say, hooks: TrainHooks) -> TrainState:
     """The state of the latest complete checkpoint (weights, optimizer and loader loaded), or a fresh one."""
-    tag = checkpoint.latest_tag(run_dir) if cfg.checkpoint.resume else None
+    tag = latest_tag(run_dir) if cfg.checkpoint.resume else None
     if tag is None:
         return TrainState(fingerprint=fingerprint)
-    state = checkpoint.load(engine, run_dir, tag, cfg, log=say)
+    state = checkpointing.load(engine, run_dir, tag, cfg, say, hooks)
     if not state.fingerprint:  # imported weights: no record of the data they were trained on
-        say(f"{checkpoint.checkpoint_dir(run_dir) / tag}: imported weights; continuing on data with vocabulary "
+        say(f"{checkpoint_root(run_dir) / tag}: imported weights; continuing on data with vocabulary "
             f"{fingerprint}")
         state.fingerprint = fingerprint
     elif state.fingerprint != fingerprint:
@@ -144,21 +147,22 @@ def resume(engine, loader, run_dir: Path, cfg: TrainConfig, fingerprint: str, sa
                           f"the data has {fingerprint}; use data tokenized with the same tokenizers")
     if state.loader is not None:
         loader.load_state_dict(state.loader)
-    say(f"resumed from {checkpoint.checkpoint_dir(run_dir) / tag} at step {state.step}")
+    say(f"resumed from {checkpoint_root(run_dir) / tag} at step {state.step}")
     return state
 
 
-def roll_back(engine, loader, metrics, run_dir: Path, state: TrainState, cfg: TrainConfig, say) -> TrainState:
+def roll_back(engine, loader, metrics, run_dir: Path, state: TrainState, cfg: TrainConfig, say, hooks: TrainHooks
+              ) -> TrainState:
     """After a run of loss spikes: load the newest checkpoint before the first of them and mark their global
     batches skipped (kept in the state, so in every later checkpoint)."""
     first, last = state.spike_batches[0], state.batches
-    tag = checkpoint.tag_before(run_dir, first)
+    tag = checkpointing.tag_before(run_dir, first)
     if tag is None:
         raise TrainingError(f"step {state.step}: {len(state.spike_batches)} loss spikes in a row from global batch "
                             f"{first}, and no checkpoint from before them to roll back to; lower optimizer.lr, "
                             f"save more often (checkpoint.interval) or set faults.spike_rollback_after=0")
     with phase("the rollback to a checkpoint"):
-        restored = checkpoint.load(engine, run_dir, tag, cfg, log=say)
+        restored = checkpointing.load(engine, run_dir, tag, cfg, say, hooks)
     loader.load_state_dict(restored.loader)
     restored.skipped_batches = state.skipped_batches + [[first, last]]
     restored.skipped_steps = state.skipped_steps

@@ -62,7 +62,7 @@ def run_loom(*args, cwd=None, timeout=600, env=None):
 @pytest.fixture(scope="session")
 def groups():
     """A one-process gloo group with megatron's TP/PP groups, as torchrun would give one rank."""
-    from pretrain.nll import single_process_groups
+    from pretrain.parallel import single_process_groups
 
     single_process_groups()
 
@@ -89,7 +89,7 @@ def train_args(world, out, *extra):
 
 
 def train_losses(out):
-    from pretrain.metrics import read_metrics
+    from common.metrics import read_metrics
 
     return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(out) if "loss" in r]
 

@@ -12,11 +12,12 @@ import shutil
 
 import pytest
 
-from checkpoints_utils.checkpoint import latest_tag
-from checkpoints_utils.manifest import COMPLETE, MANIFEST
+from common.checkpoint_folders import latest_tag
+from common.checkpoint_folders import COMPLETE
+from common.manifest import MANIFEST
 from conftest import SOURCE_LAYOUTS, run_loom, train_tiny
 from rounding import Drift, assert_same_run, rounding_floor, tolerance
-from pretrain.metrics import read_metrics
+from common.metrics import read_metrics
 
 SOURCES = {name: (4, layout) for name, layout in SOURCE_LAYOUTS.items()}
 TARGETS = {"tp1-dp2-zero1": (2, ["parallel.tp=1", "parallel.pp=1", "parallel.zero_stage=1"]),

@@ -29,19 +29,19 @@ def document_ids(world, vocab_size):
     from data_pipeline.loader import Source, TokenLoader, read_manifest_fingerprints
 
     src = Source.open("shapes", world / "tokens", 1.0)
-    layout = read_manifest_fingerprints([src])[1]
-    for mb in TokenLoader([src], layout, 128, 4, 4).next_step():
+    vocabulary = read_manifest_fingerprints([src])[1]
+    for mb in TokenLoader([src], vocabulary, seq_len=128, global_batch_size=4, micro_batch_size=4).next_step():
         for row, docs in zip(mb["tokens"], mb["doc_ids"]):
             for d in docs.unique():
                 ids = row[docs == d]
-                if (ids >= layout.visual_offset).sum() > 8 and (ids < layout.text_size).sum() > 8:
+                if (ids >= vocabulary.visual_offset).sum() > 8 and (ids < vocabulary.text_size).sum() > 8:
                     assert int(ids.max()) < vocab_size
                     return ids
     raise AssertionError("no document with text and image tokens")
 
 
 def loom_logits(ckpt, ids):
-    from pretrain.nll import load_model
+    from analysis.nll import load_model
 
     model, cfg, _ = load_model(ckpt)
     with torch.no_grad():

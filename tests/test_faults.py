@@ -17,10 +17,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from checkpoints_utils.checkpoint import COMPLETE, latest_tag
-from checkpoints_utils.manifest import verify
+from common.checkpoint_folders import COMPLETE, latest_tag
+from common.manifest import verify
 from conftest import REPO, run_loom, train_args, train_losses
-from pretrain.metrics import read_metrics
+from common.metrics import read_metrics
 
 
 def children(pid: int) -> list[int]:
@@ -216,15 +216,15 @@ def test_a_hung_collective_ends_every_rank_within_the_timeout(world, tmp_path):
 
 
 def test_refuses_to_start_without_room_for_a_checkpoint(groups, tmp_path, monkeypatch):
-    from checkpoints_utils import checkpoint
-    from checkpoints_utils.consolidate import CheckpointError
+    from common.checkpoint_folders import CheckpointError
+    from pretrain import checkpointing
     from pretrain.config import load_config
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["data.sources.s.path=x", "model.vocab_size=1000"])
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: SimpleNamespace(total=10 ** 9, free=1000))
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: SimpleNamespace(total=10 ** 9, free=1000))
     with pytest.raises(CheckpointError, match=r"not enough disk for this run's checkpoints: a checkpoint takes .* GiB "
                                               r"\(estimated from the model\), .* has 0.00 GiB free"):
-        checkpoint.ensure_space(tmp_path, cfg, "this run's checkpoints")
+        checkpointing.ensure_space(tmp_path, cfg, "this run's checkpoints")
 
 
 def test_too_many_non_finite_steps_stop_naming_the_step_and_rank(groups):

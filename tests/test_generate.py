@@ -2,6 +2,7 @@
 ShapesEval's scorer against rendered truth and noise; the CLI on a TP2xPP2 checkpoint."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -15,17 +16,17 @@ def generator(world, groups):
     """An untrained tiny model with the world's tokenizers (weights do not matter for these checks)."""
     from data_pipeline.text_tokenizer import TextTokenizer
     from data_pipeline.visual_tokenizer import VisualTokenizer
-    from data_pipeline.vocab import VocabLayout
+    from data_pipeline.vocab import Vocabulary
     from pretrain.config import load_config
-    from pretrain.generate import Generator
+    from analysis.generate import Generator
     from pretrain.model import Transformer
-    from pretrain.parallel import megatron_config
+    from pretrain.parallel import tensor_parallel_of
 
-    layout = VocabLayout.from_dict(json.loads((world / "tokens" / "vocab.json").read_text())["layout"])
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [*TINY_MODEL, f"model.vocab_size={layout.size}",
+    vocabulary = Vocabulary.from_dict(json.loads((world / "tokens" / "vocab.json").read_text())["layout"])
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [*TINY_MODEL, f"model.vocab_size={vocabulary.size}",
                                                        f"data.sources.shapes.path={world / 'tokens'}"])
-    model = Transformer(cfg.model, megatron_config(cfg), seed=0).eval()
-    return Generator(model, TextTokenizer(world / "tok" / "text_tokenizer.model"), layout,
+    model = Transformer(cfg.model, tensor_parallel_of(cfg), seed=0).eval()
+    return Generator(model, TextTokenizer(world / "tok" / "text_tokenizer.model"), vocabulary,
                      VisualTokenizer.from_pretrained(world / "tok" / "vq"), image_size=32)
 
 
@@ -33,7 +34,7 @@ PROMPTS = ["A red circle on the left.", "Three blue squares at the top.", "A"]  
 
 
 def test_kv_cache_equals_full_recomputation(generator):
-    from pretrain.generate import Sampling, left_pad
+    from analysis.generate import Sampling, left_pad
     from pretrain.model import KVCache
 
     s = Sampling(temperature=1.0, cfg_scale=2.0, seed=3)
@@ -60,9 +61,9 @@ def test_kv_cache_equals_full_recomputation(generator):
 
 
 def test_constrained_sampling_yields_decodable_grids(generator):
-    from pretrain.generate import VISUAL, Sampling
+    from analysis.generate import VISUAL, Sampling
 
-    L = generator.layout
+    L = generator.vocabulary
     for grid in [(4, 4), (2, 3), (3, 1)]:
         codes = generator.image_codes(PROMPTS, Sampling(temperature=1.5, seed=7), grid)
         assert codes.shape == (3, *grid) and codes.min() >= 0 and codes.max() < L.codebook_size
@@ -81,7 +82,7 @@ def test_constrained_sampling_yields_decodable_grids(generator):
 
 
 def test_guidance_scale_one_equals_no_guidance(generator):
-    from pretrain.generate import Sampling, guide, sample_tokens
+    from analysis.generate import Sampling, guide, sample_tokens
 
     cond = torch.randn(4, 50)
     cond[:, -3:] = float("-inf")
@@ -90,7 +91,7 @@ def test_guidance_scale_one_equals_no_guidance(generator):
     assert torch.equal(guide(cond, uncond, 1.0), cond)
     assert torch.isfinite(guide(cond, uncond, 3.0)[:, :-3]).all()
 
-    L = generator.layout
+    L = generator.vocabulary
     prompts = [generator.visual_prompt(p, "<|image start|>", (4, 4)) for p in PROMPTS]
     negative = [generator.visual_prompt("", "<|image start|>", (4, 4))] * 3
     template = generator.grid_template(1, 4, 4, "<|image end|>")
@@ -105,7 +106,7 @@ def test_guidance_scale_one_equals_no_guidance(generator):
 
 
 def test_top_k_and_top_p_filtering():
-    from pretrain.generate import Sampling, filter_logits, next_tokens
+    from analysis.generate import Sampling, filter_logits, next_tokens
 
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.0, 0.1, 5.0, 4.9]])
     kept = torch.isfinite(filter_logits(logits, Sampling(top_k=2)))
@@ -121,7 +122,7 @@ def test_top_k_and_top_p_filtering():
 @pytest.mark.parametrize("size", [32, 64])
 def test_shapes_scorer_is_right_on_rendered_truth_and_near_zero_on_noise(size):
     from data_pipeline.shapes import render
-    from pretrain.shapes_eval import CATEGORIES, detect_objects, make_prompts, score
+    from analysis.shapes_eval import CATEGORIES, detect_objects, make_prompts, score
 
     rng = np.random.default_rng(0)
     for category in CATEGORIES:
@@ -138,7 +139,7 @@ def test_generate_command_and_background_shapes_eval_on_a_tp2_pp2_checkpoint(sou
     from PIL import Image
 
     from pretrain.config import load_config
-    from pretrain.samples import BackgroundSampler
+    from analysis.samples import BackgroundSampler
 
     run = sources / "tp2-pp2-zero1"
     image = run_loom("generate", run, "--mode", "image", "--prompt", "A red circle on the left.", "A blue square.",
@@ -154,7 +155,7 @@ def test_generate_command_and_background_shapes_eval_on_a_tp2_pp2_checkpoint(sou
         "samples.interval=3", "samples.shapes_eval_per_category=2", "samples.cfg_scale=2",
         "samples.prompts=['A green triangle in the center.']"])
     messages = []
-    sampler = BackgroundSampler(cfg, True, messages.append)
+    sampler = BackgroundSampler(cfg, True, [sys.executable, "-m", "launch.cli"], messages.append)
     assert sampler.due(3, last=False) and not sampler.due(4, last=False) and sampler.due(4, last=True)
     sampler.start(run / "checkpoints" / "step_000003", 3)
     sampler.start(run / "checkpoints" / "step_000006", 6)

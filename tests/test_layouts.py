@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO, run_loom
 from rounding import BUG_SHIFT, FLOOR_MULTIPLE, Drift, assert_same_run, drift, rounding_floor, tolerance
-from pretrain.metrics import read_metrics
+from common.metrics import read_metrics
 
 STEPS = 10
 MODEL = ["model.dim=64", "model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=4", "model.ffn_dim=176"]
@@ -161,6 +161,7 @@ def test_batches_pack_several_documents_per_row(world):
     from data_pipeline.loader import Source, TokenLoader, read_manifest_fingerprints
 
     src = Source.open("shapes", world / "tokens", 1.0)
-    loader = TokenLoader([src], read_manifest_fingerprints([src])[1], 128, 8, 2)
+    loader = TokenLoader([src], read_manifest_fingerprints([src])[1], seq_len=128, global_batch_size=8,
+                         micro_batch_size=2)
     docs_per_row = [int(mb["doc_ids"][i].max()) + 1 for mb in loader.next_step() for i in range(2)]
     assert sum(n >= 2 for n in docs_per_row) >= 6 and max(docs_per_row) >= 3  # masks are exercised above

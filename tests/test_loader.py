@@ -29,8 +29,9 @@ def global_rows(loaders, steps):
 
 
 def make(source, dp, mbs, global_batch=8, seq_len=48, seed=3, sources=None):
-    src, layout = source
-    return [TokenLoader(sources or [src], layout, seq_len, global_batch, mbs, rank, dp, seed) for rank in range(dp)]
+    src, vocabulary = source
+    return [TokenLoader(sources or [src], vocabulary, seq_len=seq_len, global_batch_size=global_batch,
+                        micro_batch_size=mbs, dp_rank=rank, dp_size=dp, seed=seed) for rank in range(dp)]
 
 
 def test_global_batches_do_not_depend_on_the_layout(source):
@@ -53,20 +54,20 @@ def test_rows_are_full_and_each_stream_chains_with_an_overlap_of_one(source):
 
 def test_a_stream_reproduces_its_documents_exactly(source):
     """Stream 0's rows, joined, are documents 0, P, 2P, ... of the source with nothing lost or added."""
-    src, layout = source
+    src, vocabulary = source
     steps = global_rows(make(source, dp=1, mbs=8), 6)
     stream = [int(steps[0]["tokens"][0, 0])]
     for step in steps:
         stream += step["targets"][0].tolist()
-    reader, docs = SourceReader(src, layout, seed=3), []
+    reader, docs = SourceReader(src, vocabulary, seed=3), []
     while sum(map(len, docs)) < len(stream):
         docs.append(reader.read(8 * len(docs))[0].tolist())
     assert stream == sum(docs, [])[:len(stream)]
 
 
 def test_every_document_once_per_epoch_in_a_shuffled_shard_order(source):
-    src, layout = source
-    reader = SourceReader(src, layout, seed=0)
+    src, vocabulary = source
+    reader = SourceReader(src, vocabulary, seed=0)
     n = reader.docs_per_epoch
     assert n == 160
     for epoch in (0, 1):
@@ -77,14 +78,14 @@ def test_every_document_once_per_epoch_in_a_shuffled_shard_order(source):
 
 
 def test_loss_kinds_and_document_boundaries(source):
-    src, layout = source
+    src, vocabulary = source
     b = make(source, dp=1, mbs=8, seq_len=256)[0].next_step()[0]
     doc_ids, kinds, targets = b["doc_ids"], b["loss_kind"], b["targets"]
     boundary = doc_ids[:, 1:] != doc_ids[:, :-1]
     assert boundary.any()
     assert (kinds[:, :-1][boundary] == IGNORE).all()            # no loss across documents
-    assert (targets[kinds == IMAGE] >= layout.visual_offset).all()
-    assert (targets[kinds == TEXT] < layout.visual_offset).all()
+    assert (targets[kinds == IMAGE] >= vocabulary.visual_offset).all()
+    assert (targets[kinds == TEXT] < vocabulary.visual_offset).all()
     assert (kinds == VISUAL_STRUCTURE).any()
     for row_doc, row_pos in zip(doc_ids, b["positions"]):       # positions restart at each document
         starts = np.r_[0, np.nonzero(np.diff(row_doc.numpy()))[0] + 1]
@@ -92,7 +93,7 @@ def test_loss_kinds_and_document_boundaries(source):
 
 
 def test_resume_under_another_data_parallel_size_continues_exactly(source):
-    src, layout = source
+    src, vocabulary = source
     two = [Source("a", src.path, 1.0, src.shards), Source("b", src.path, 0.5, src.shards)]
     saved = make(source, dp=2, mbs=2, sources=two)
     global_rows(saved, 3)
@@ -114,27 +115,27 @@ def test_resume_refuses_another_global_batch(source):
         other.load_state_dict(loader.state_dict())
 
 
-def token_source(path, name, layout, docs, per_shard, weight=1.0):
+def token_source(path, name, vocabulary, docs, per_shard, weight=1.0):
     """A token-shard source of the given documents (lists of text ids; bos and eos are added)."""
     shards = []
     for k in range(0, len(docs), per_shard):
         with ShardWriter(path, f"tokens-{k // per_shard:03d}", max_count=None) as w:
             for i, doc in enumerate(docs[k:k + per_shard]):
-                tokens = np.array([layout.bos, *doc, layout.eos], np.uint32)
+                tokens = np.array([vocabulary.bos, *doc, vocabulary.eos], np.uint32)
                 w.write({"__key__": f"{k + i:06d}", "tokens.npy": npy_bytes(tokens),
                          "spans.json": json.dumps([[1, len(tokens) - 1, "text"]]).encode()})
         shards.append(f"tokens-{k // per_shard:03d}.tar")
-    return Source(name, path, weight, [path / s for s in shards], layout=layout)
+    return Source(name, path, weight, [path / s for s in shards], vocabulary=vocabulary)
 
 
 def test_mixing_shares_are_token_weights_within_2_percent(source, tmp_path):
     """Weights 0.3/0.7 over sources of 20-token and 50-250-token documents: shares of 10^5 trained tokens."""
-    layout = source[1]
+    vocabulary = source[1]
     rng = np.random.default_rng(0)
-    short = token_source(tmp_path / "short", "short", layout, [[7] * 18] * 200, 50, weight=0.3)
+    short = token_source(tmp_path / "short", "short", vocabulary, [[7] * 18] * 200, 50, weight=0.3)
     lengths = rng.integers(50, 250, 200)
-    long = token_source(tmp_path / "long", "long", layout, [[9] * int(n) for n in lengths], 50, weight=0.7)
-    loader = TokenLoader([short, long], layout, 255, 8, 8, seed=1)
+    long = token_source(tmp_path / "long", "long", vocabulary, [[9] * int(n) for n in lengths], 50, weight=0.7)
+    loader = TokenLoader([short, long], vocabulary, seq_len=255, global_batch_size=8, micro_batch_size=8, seed=1)
     counts = {7: 0, 9: 0}
     while sum(counts.values()) < 100_000:
         targets = loader.next_step()[0]["targets"]
@@ -154,20 +155,21 @@ def documents_of(loaders, steps):
                                                                                                 mb["targets"]))):
                 seq = streams.setdefault(stream, [int(row[0][0])])
                 seq += row[1].tolist()
-    layout = loaders[0].readers[0].layout
+    vocabulary = loaders[0].readers[0].vocabulary
     out = {}
     for stream, seq in streams.items():
-        starts = [i for i, t in enumerate(seq) if t == layout.bos]
+        starts = [i for i, t in enumerate(seq) if t == vocabulary.bos]
         out[stream] = [(seq[i + 1], seq[i + 2]) for i in starts if i + 2 < len(seq)]
     return out
 
 
 def test_every_document_exactly_once_per_epoch_across_two_data_parallel_ranks(source, tmp_path):
     """96 documents of 16 tokens in 4 shards, 8 streams on 2 ranks, 16-token rows: an epoch is 12 steps."""
-    layout = source[1]
+    vocabulary = source[1]
     docs = [[1 + d // 50, 1 + d % 50] + [5] * 12 for d in range(96)]
-    src = token_source(tmp_path, "ids", layout, docs, 24)
-    loaders = [TokenLoader([src], layout, 16, 8, 2, dp_rank=rank, dp_size=2, seed=5) for rank in (0, 1)]
+    src = token_source(tmp_path, "ids", vocabulary, docs, 24)
+    loaders = [TokenLoader([src], vocabulary, seq_len=16, global_batch_size=8, micro_batch_size=2, dp_rank=rank,
+                           dp_size=2, seed=5) for rank in (0, 1)]
     streams = documents_of(loaders, 24)
     assert sorted(streams) == list(range(8)) and set(loaders[0].owned).isdisjoint(loaders[1].owned)
     epochs = [[d for s in sorted(streams) for d in streams[s][12 * e:12 * (e + 1)]] for e in (0, 1)]
@@ -177,7 +179,7 @@ def test_every_document_exactly_once_per_epoch_across_two_data_parallel_ranks(so
 
 
 def test_bad_token_samples_and_shards_are_skipped_and_counted(source, tmp_path, capsys):
-    src, layout = source
+    src, vocabulary = source
     good = [s for s in iter_samples(src.shards[0])][:8]
     with ShardWriter(tmp_path, "tokens-a", max_count=None) as w:
         for i, sample in enumerate(good):
@@ -185,14 +187,14 @@ def test_bad_token_samples_and_shards_are_skipped_and_counted(source, tmp_path, 
             if i == 1:
                 sample["tokens.npy"] = b"not npy"
             if i == 2:
-                sample["tokens.npy"] = npy_bytes(np.array([layout.size + 5, 1], np.uint32))  # id out of range
+                sample["tokens.npy"] = npy_bytes(np.array([vocabulary.size + 5, 1], np.uint32))  # id out of range
             if i == 3:
                 del sample["spans.json"]
             w.write(sample)
     broken = tmp_path / "tokens-b.tar"
     broken.write_bytes((tmp_path / "tokens-a.tar").read_bytes()[:5000])  # cut inside the shard
     bad = Source("bad", tmp_path, 1.0, [tmp_path / "tokens-a.tar", broken])
-    loader = TokenLoader([bad], layout, 32, 1, 1)
+    loader = TokenLoader([bad], vocabulary, seq_len=32, global_batch_size=1, micro_batch_size=1)
     for _ in range(30):
         loader.next_step()
     assert loader.skipped() >= 3

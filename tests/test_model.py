@@ -7,12 +7,12 @@ from pretrain.config import ModelConfig
 
 def build(preset="emu3", **kw):
     from pretrain.model import Transformer
-    from pretrain.parallel import megatron_config
+    from pretrain.parallel import tensor_parallel_of
     from pretrain.config import TrainConfig
 
     cfg = ModelConfig(preset=preset, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=200, **kw)
     cfg.resolve_preset()
-    return Transformer(cfg, megatron_config(TrainConfig(model=cfg)), seed=0), cfg
+    return Transformer(cfg, tensor_parallel_of(TrainConfig(model=cfg)), seed=0), cfg
 
 
 def test_logits_shape_and_padded_vocab(groups):
@@ -37,7 +37,7 @@ def test_document_mask_isolates_packed_documents(groups):
 
 
 def test_loss_per_kind_and_z_loss(groups):
-    from pretrain.model import lm_loss, vocab_parallel_logsumexp
+    from pretrain.loss import lm_loss, vocab_parallel_logsumexp
 
     logits = torch.randn(6, 2, 256, requires_grad=True)
     torch.testing.assert_close(vocab_parallel_logsumexp(logits), torch.logsumexp(logits, -1))
@@ -108,7 +108,7 @@ def test_chameleon_preset_matches_transformers_chameleon(groups):
 
 
 def test_initial_loss_is_near_uniform(groups):
-    from pretrain.model import lm_loss
+    from pretrain.loss import lm_loss
 
     model, cfg = build()
     tokens = torch.randint(0, 200, (2, 32))

@@ -1,5 +1,5 @@
 """`loom plan`: layout checks, parameter and FLOP counts, the memory model against measured runs, the cluster
-recipes (configs/cluster/*.yaml) with the layouts the README shows."""
+recipes (configs/cluster/*.yaml) with the layouts docs/cluster.md shows."""
 
 import contextlib
 import io
@@ -15,7 +15,7 @@ from conftest import REPO
 from pretrain.config import load_config
 from pretrain.flops import flops_per_token
 
-CLUSTER = {"emu3_7b.yaml": 64, "chameleon_34b.yaml": 256}  # recipe: GPUs of its README example
+CLUSTER = {"emu3_7b.yaml": 64, "chameleon_34b.yaml": 256}  # recipe: GPUs of its docs/cluster.md example
 
 
 def run_loom(*args) -> SimpleNamespace:
@@ -44,14 +44,14 @@ def test_memory_model_is_within_25_percent_of_measured_peaks(tmp_path):
 def test_parameter_count_is_the_real_models(groups):
     import torch  # noqa: F401  (megatron's layers below)
 
-    from pretrain.parallel import megatron_config
+    from pretrain.parallel import tensor_parallel_of
     from pretrain.model import Transformer
-    from pretrain.plan import stage_memory
+    from analysis.plan import stage_memory
 
     for preset in ("emu3", "chameleon"):
         cfg = load_config(REPO / "configs" / "tiny.yaml", ["data.sources.s.path=x", "model.vocab_size=700",
                                                           f"model.preset={preset}"])
-        model = Transformer(cfg.model, megatron_config(cfg), 0)
+        model = Transformer(cfg.model, tensor_parallel_of(cfg), 0)
         assert stage_memory(cfg, 1, 0, 1, 0).params == sum(p.numel() for p in model.parameters())
 
 

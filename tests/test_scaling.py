@@ -9,9 +9,10 @@ import pytest
 import yaml
 
 from conftest import REPO, run_loom
-from pretrain.config import ConfigError, TrainConfig, build, load_tree, validate
-from pretrain.scaling import FitError, fit_approach2, fit_approach3, optimal_allocation
-from pretrain.sweep import load_spec, plan, run_sweep
+from common.config import ConfigError, build, load_tree
+from pretrain.config import TrainConfig, validate
+from analysis.scaling import FitError, fit_approach2, fit_approach3, optimal_allocation
+from analysis.sweep import load_spec, plan, run_sweep
 
 # Hoffmann et al. 2022's fitted law, used as the truth
 E, A, B, ALPHA, BETA = 1.69, 406.4, 410.7, 0.34, 0.28
@@ -127,6 +128,6 @@ def test_a_real_sweep_runs_resumes_and_fits(world, tmp_path):
 
 
 def _vocab(world) -> int:
-    from data_pipeline.vocab import VocabLayout
+    from data_pipeline.vocab import Vocabulary
 
-    return VocabLayout.from_dict(json.loads((world / "tokens" / "vocab.json").read_text())["layout"]).size
+    return Vocabulary.from_dict(json.loads((world / "tokens" / "vocab.json").read_text())["layout"]).size

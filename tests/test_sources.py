@@ -25,7 +25,7 @@ from data_pipeline.shards import ShardWriter, iter_samples, npy_load, read_json
 from data_pipeline.text_tokenizer import TextTokenizer
 from data_pipeline.tokenize_config import load_tokenize_config
 from data_pipeline.tokenize_job import run_tokenize
-from data_pipeline.vocab import VocabLayout
+from data_pipeline.vocab import Vocabulary
 
 QUIET = lambda m: None  # noqa: E731
 COLORS = [(220, 30, 30), (30, 160, 40), (40, 60, 220), (240, 200, 20)]
@@ -135,7 +135,7 @@ def test_every_reader_on_its_format(world, tmp_path):
                                                                      "text": 5}
     assert m["documents"] == 25 and set(m["tokens"]) == {"text", "image", "video", "total"}
     text = TextTokenizer(world / "tok" / "text_tokenizer.model")
-    layout = VocabLayout.from_dict(m["layout"])
+    layout = Vocabulary.from_dict(m["layout"])
 
     def segments(tokens, spans):
         return [(kind, text.decode(tokens[a:b].tolist()) if kind == "text" else None) for a, b, kind in spans]
@@ -252,7 +252,7 @@ def test_background_decoding_delivers_in_order_and_stops_when_closed():
 
 
 def test_tokenize_config_errors_name_the_field(world, tmp_path):
-    from pretrain.config import ConfigError
+    from common.config import ConfigError
 
     base = write_config(tmp_path / "tok.yaml", world, tmp_path / "out", [{"name": "a", "format": "image_text",
                                                                           "paths": ["x"]}])

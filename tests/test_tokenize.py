@@ -8,19 +8,19 @@ from conftest import copy_with_fingerprint
 from data_pipeline.shards import ShardWriter, iter_samples, npy_load, read_json
 from data_pipeline.shapes import make_document
 from data_pipeline.tokenize_job import tokenize
-from data_pipeline.vocab import SPECIAL_TOKENS, VocabLayout, fingerprint
+from data_pipeline.vocab import SPECIAL_TOKENS, Vocabulary, fingerprint
 
 
 def test_vocabulary_layout():
-    L = VocabLayout(text_size=400, codebook_size=256)
+    L = Vocabulary(text_size=400, codebook_size=256)
     assert L.special("<|bos|>") == 400 and L.visual_offset == 400 + len(SPECIAL_TOKENS)
     assert L.size == 400 + len(SPECIAL_TOKENS) + 256
-    assert VocabLayout.from_dict(json.loads(json.dumps(L.to_dict()))) == L
+    assert Vocabulary.from_dict(json.loads(json.dumps(L.to_dict()))) == L
 
 
 def test_token_shards_follow_the_emu3_layout(world):
     manifest = read_json(world / "tokens" / "manifest.json")
-    L = VocabLayout.from_dict(manifest["layout"])
+    L = Vocabulary.from_dict(manifest["layout"])
     assert manifest["documents"] == 160 and manifest["skipped"] == {}
     assert manifest["tokens"]["total"] == sum(manifest["tokens"][k] for k in ("text", "image", "video")) + 2 * 160
     from data_pipeline.text_tokenizer import TextTokenizer
@@ -48,10 +48,10 @@ def test_token_shards_follow_the_emu3_layout(world):
 
 
 def test_fingerprint_depends_on_tokenizers(world, tmp_path):
-    L = VocabLayout(400, 256)
+    L = Vocabulary(400, 256)
     base = fingerprint(L, world / "tok" / "text_tokenizer.model", world / "tok" / "vq")
     assert read_json(world / "tokens" / "manifest.json")["fingerprint"] == base
-    assert fingerprint(VocabLayout(400, 512), world / "tok" / "text_tokenizer.model", world / "tok" / "vq") != base
+    assert fingerprint(Vocabulary(400, 512), world / "tok" / "text_tokenizer.model", world / "tok" / "vq") != base
     other = tmp_path / "sp.model"
     other.write_bytes((world / "tok" / "text_tokenizer.model").read_bytes() + b"x")
     assert fingerprint(L, other, world / "tok" / "vq") != base

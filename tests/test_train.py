@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from checkpoints_utils.checkpoint import COMPLETE, latest_tag
+from common.checkpoint_folders import COMPLETE, latest_tag
 from conftest import REPO, run_loom, train_args, train_losses
-from pretrain.metrics import read_metrics
+from common.metrics import read_metrics
 
 
 @pytest.mark.slow

@@ -155,11 +155,11 @@ def test_checkpoint_resume_is_exact(world, tmp_path):
     train_vq(cfg, log=QUIET)
     first = VisualTokenizer.from_pretrained(tmp_path / "vq").vq.state_dict()
     # as if the job died after the step-5 checkpoint
-    shutil.rmtree(tmp_path / "vq" / "checkpoints" / "step_0000010")
+    shutil.rmtree(tmp_path / "vq" / "checkpoints" / "step_000010")
     (tmp_path / "vq" / "model.safetensors").unlink()
     logs = []
     train_vq(cfg, log=logs.append)
-    assert any("resumed from" in line and "step_0000005" in line for line in logs)
+    assert any("resumed from" in line and "step_000005" in line for line in logs)
     again = VisualTokenizer.from_pretrained(tmp_path / "vq").vq.state_dict()
     assert all(torch.equal(first[k], again[k]) for k in first)
 
@@ -254,7 +254,7 @@ def test_two_process_ddp_training_resumes_and_eval_cli(world, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "vq" / "metrics.jsonl").read_text().splitlines()]
     assert {"codebook/usage", "codebook/perplexity", "psnr"} <= set(records[0])
     assert any("eval/ssim" in r for r in records)
-    shutil.rmtree(tmp_path / "vq" / "checkpoints" / "step_0000008")
+    shutil.rmtree(tmp_path / "vq" / "checkpoints" / "step_000008")
     out = run_loom("data", "visual-tokenizer", "train", "configs/visual_tokenizer/quickstart.yaml", *common)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from" in out.stdout

@@ -23,13 +23,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain import accelerator  # noqa: F401  (before DeepSpeed)
+from . import accelerator  # noqa: F401  (before DeepSpeed)
 from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 from megatron.core import parallel_state
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .consolidate import MOMENTS, CheckpointError, canonical_name, read_deepspeed, tp_slice
+from common.checkpoint_folders import CheckpointError
+from .consolidate import MOMENTS, canonical_name, read_deepspeed, tp_slice
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"

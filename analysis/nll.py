@@ -1,7 +1,7 @@
 """A checkpoint of any layout as one in-process model, and its loss per modality on token shards.
 
 `loom eval nll` uses it to check exports and resumes without torchrun: the weights are
-consolidated (checkpoints_utils.consolidate) into the single-process Transformer.
+consolidated (pretrain/consolidate.py) into the single-process Transformer.
 """
 
 from __future__ import annotations
@@ -9,39 +9,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from checkpoints_utils.checkpoint import read_checkpoint, resolve_checkpoint
-from checkpoints_utils.consolidate import CheckpointError
+from checkpoints_utils.reader import read_checkpoint, resolve_checkpoint
+from common.checkpoint_folders import CheckpointError
 from data_pipeline.loader import Source, TokenLoader, read_manifest_fingerprints
 from data_pipeline.vocab import LOSS_KIND_NAMES
-from .config import ParallelConfig, TrainConfig
-from .metrics import bits_per_token, losses_by_kind
-from .model import Transformer, lm_loss
-from .step import NUM_KINDS
-
-
-def single_process_groups() -> None:
-    """A one-process gloo group and megatron's TP/PP groups of size 1 (megatron's layers need them)."""
-    from megatron.core import parallel_state
-
-    if not dist.is_initialized():
-        # an in-memory store: no port, and no rendezvous with a torchrun job this process may have been
-        # started from (under TORCHELASTIC_USE_AGENT_STORE a tcp:// group would wait for that job's store)
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
+from pretrain.config import ParallelConfig, TrainConfig
+from pretrain.loss import lm_loss
+from pretrain.metrics import bits_per_token, losses_by_kind
+from pretrain.model import Transformer
+from pretrain.parallel import single_process_groups, tensor_parallel_of
+from pretrain.step import NUM_KINDS
 
 
 def load_model(ckpt: str | Path) -> tuple[Transformer, TrainConfig, dict]:
     """The checkpoint's weights in a single-process Transformer (fp32, eval mode)."""
-    from .parallel import megatron_config
-
     folder = resolve_checkpoint(ckpt)
     params, cfg, shared = read_checkpoint(folder)
     single_process_groups()
     cfg.parallel = ParallelConfig()
-    model = Transformer(cfg.model, megatron_config(cfg), cfg.seed)
+    model = Transformer(cfg.model, tensor_parallel_of(cfg), cfg.seed)
     missing, unexpected = model.load_state_dict(params, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
@@ -62,7 +49,8 @@ def evaluate_nll(ckpt: str | Path, data: list[str | Path], max_tokens: int = 100
     if shared.get("fingerprint") and fp != shared["fingerprint"]:
         raise CheckpointError(f"{data[0]} was tokenized with vocabulary {fp}, the model trained on "
                               f"{shared['fingerprint']}")
-    loader = TokenLoader(sources, layout, seq_len or cfg.data.seq_len, batch_size, batch_size, 0, 1, seed=0)
+    loader = TokenLoader(sources, layout, seq_len=seq_len or cfg.data.seq_len, global_batch_size=batch_size,
+                         micro_batch_size=batch_size, seed=0)
     sums = torch.zeros(2, NUM_KINDS)
     positions = 0
     while positions < max_tokens:

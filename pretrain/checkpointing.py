@@ -1,6 +1,7 @@
-"""Atomic, verified checkpoints around DeepSpeed's `save_checkpoint`, loadable by any layout (DESIGN §6).
+"""The trainer's checkpoints: atomic and verified, around DeepSpeed's `save_checkpoint`, loadable by any
+parallel layout (DESIGN §6). Collective: every rank of the job calls `save` and `load`.
 
-Layout of a run's `checkpoints/` folder:
+The files of one checkpoint (common/checkpoint_folders.py: the folders, COMPLETE and `latest`):
     step_000100/            DeepSpeed's model and optimizer shards (every rank writes its own)
         loom_state.json     step, consumed tokens, fingerprint, and the layout that saved it (rank 0)
         data_state.json     the position of every packing stream of the loader (gathered by rank 0);
@@ -9,7 +10,7 @@ Layout of a run's `checkpoints/` folder:
         config.yaml         the resolved config of the run
         MANIFEST.json       size and sha256 of every file above, hashed by all ranks after a barrier
         COMPLETE            written by rank 0 after the manifest: the checkpoint counts from here
-        portable/           written on the first resume under another layout (checkpoints_utils.portable)
+        portable/           written on the first resume under another layout (pretrain/portable.py)
     latest                  the tag of the newest COMPLETE checkpoint, replaced atomically
 
 DeepSpeed's own `latest` is not used: it is written without waiting for the other ranks. A
@@ -26,46 +27,21 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 
+from common.checkpoint_folders import (CheckpointError, checkpoint_root, complete_tags, folder_bytes, latest_tag,
+                                       mark_complete, prune, remove_incomplete, tag_for)
+from common.config import ConfigError, dump_yaml
+from common.manifest import verify, write_manifest
 from data_pipeline.loader import merge_states
-from pretrain import faults
-from pretrain.config import ConfigError, TrainConfig, dump_yaml
-from pretrain.train_state import TrainState
-from .consolidate import CheckpointError
-from .manifest import COMPLETE, verify, write_manifest
+from .config import TrainConfig, build_config
+from .flops import param_counts
+from .hooks import TrainHooks
 from .portable import MODEL_FILE, load_portable, portable_from_deepspeed
+from .train_state import TrainState
 
 # Fields that change the weights' shapes or meaning: a checkpoint loads only into the same values.
 ARCHITECTURE = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "vocab_pad_multiple",
                 "qk_norm", "swin_norm", "norm_eps", "rope_theta")
-
-
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:06d}"
-
-
-def complete_tags(run_dir: str | Path) -> list[str]:
-    root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / COMPLETE).exists())
-
-
-def latest_tag(run_dir: str | Path) -> str | None:
-    """The tag named by `latest` if that checkpoint is complete, else the newest complete one."""
-    root = checkpoint_dir(run_dir)
-    latest = root / "latest"
-    if latest.exists():
-        tag = latest.read_text().strip()
-        if (root / tag / COMPLETE).exists():
-            return tag
-    tags = complete_tags(run_dir)
-    return tags[-1] if tags else None
 
 
 def layout_record(cfg: TrainConfig, world_size: int) -> dict:
@@ -74,29 +50,9 @@ def layout_record(cfg: TrainConfig, world_size: int) -> dict:
             "bf16": p.bf16, "world_size": world_size}
 
 
-def mark_complete(folder: Path, root: Path) -> None:
-    """Rank 0, after every rank finished writing and the manifest exists: COMPLETE, then `latest`."""
-    (folder / COMPLETE).write_text("complete\n")
-    tmp = root / "latest.tmp"
-    tmp.write_text(folder.name + "\n")
-    os.replace(tmp, root / "latest")
-
-
-def remove_incomplete(root: Path) -> None:
-    for path in root.iterdir() if root.is_dir() else []:
-        if path.is_dir() and not (path / COMPLETE).exists():
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
 def estimated_bytes(cfg: TrainConfig) -> int:
     """A checkpoint's size before the first one exists: the weights in the training precision plus fp32
     master weights and Adam's two moments (what DeepSpeed writes), for the padded vocabulary."""
-    from pretrain.flops import param_counts
-
     m = cfg.model
     params = param_counts(m)["total"] + 2 * (m.padded_vocab_size - m.vocab_size) * m.dim
     return params * ((2 if cfg.parallel.bf16 else 4) + 12)
@@ -105,7 +61,7 @@ def estimated_bytes(cfg: TrainConfig) -> int:
 def ensure_space(run_dir: str | Path, cfg: TrainConfig, what: str) -> None:
     """Collective: raise CheckpointError on every rank when the filesystem of the checkpoints lacks room for
     one more checkpoint (sized as the newest one, else estimated), before anything is written."""
-    root = checkpoint_dir(run_dir)
+    root = checkpoint_root(run_dir)
     problem = [None]
     if dist.get_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -122,21 +78,22 @@ def ensure_space(run_dir: str | Path, cfg: TrainConfig, what: str) -> None:
         raise CheckpointError(problem[0])
 
 
-def save(engine, run_dir: str | Path, state: TrainState, cfg: TrainConfig, keep_last: int, loader) -> str:
+def save(engine, run_dir: str | Path, state: TrainState, cfg: TrainConfig, keep_last: int, loader,
+         hooks: TrainHooks = TrainHooks()) -> str:
     """Collective. A failure to write on any rank (a full disk, a quota) removes the partial checkpoint and
     raises CheckpointError on every rank; the previous checkpoint and `latest` stay as they were."""
-    root = checkpoint_dir(run_dir)
+    root = checkpoint_root(run_dir)
     tag = tag_for(state.step)
     folder = root / tag
     rank, world = dist.get_rank(), dist.get_world_size()
     ensure_space(run_dir, cfg, f"the checkpoint of step {state.step}")
     if rank == 0:
-        remove_incomplete(root)  # leftovers of a save that was killed, this step's included
+        remove_incomplete(run_dir)  # leftovers of a save that was killed, this step's included
     loader_states = [None] * world if rank == 0 else None
     dist.gather_object(loader.state_dict(), loader_states, dst=0)
-    faults.maybe_fill_disk(state.step, rank)
+    hooks.saving(state.step, rank)
     error = write_files(engine, root, folder, state, cfg, loader_states)
-    faults.maybe_fail("save", state.step, rank)
+    hooks.saved_files(state.step, rank)
     errors = [None] * world
     dist.all_gather_object(errors, None if error is None else f"rank {rank}: {error}")
     if any(errors):
@@ -150,9 +107,8 @@ def save(engine, run_dir: str | Path, state: TrainState, cfg: TrainConfig, keep_
     dist.barrier()
     write_manifest(folder)
     if rank == 0:
-        mark_complete(folder, root)
-        for old in complete_tags(run_dir)[:-keep_last]:
-            shutil.rmtree(root / old, ignore_errors=True)
+        mark_complete(folder)
+        prune(run_dir, keep_last)
     dist.barrier()
     return tag
 
@@ -195,7 +151,7 @@ def write_error(error: Exception, folder: Path) -> str:
 def tag_before(run_dir: str | Path, batch: int) -> str | None:
     """The newest complete checkpoint saved before global batch `batch` was drawn."""
     for tag in reversed(complete_tags(run_dir)):
-        shared = json.loads((checkpoint_dir(run_dir) / tag / "loom_state.json").read_text())
+        shared = json.loads((checkpoint_root(run_dir) / tag / "loom_state.json").read_text())
         if shared.get("batches", shared["step"]) < batch:
             return tag
     return None
@@ -210,10 +166,11 @@ def check_architecture(folder: Path, cfg: TrainConfig) -> None:
                           f"values or start a new out_dir")
 
 
-def load(engine, run_dir: str | Path, tag: str, cfg: TrainConfig, log=print) -> TrainState:
+def load(engine, run_dir: str | Path, tag: str, cfg: TrainConfig, log=print, hooks: TrainHooks = TrainHooks()
+         ) -> TrainState:
     """Verify the checkpoint, then load it: DeepSpeed's own load in the saving layout, else the portable
     path (consolidated once by rank 0, sliced by every rank) for any other (TP, PP, DP, ZeRO, bf16)."""
-    folder = checkpoint_dir(run_dir) / tag
+    folder = checkpoint_root(run_dir) / tag
     verify(folder)
     check_architecture(folder, cfg)
     shared = json.loads((folder / "loom_state.json").read_text())
@@ -236,85 +193,11 @@ def load(engine, run_dir: str | Path, tag: str, cfg: TrainConfig, log=print) -> 
         state = TrainState.restore(shared, None)
     data_state = folder / "data_state.json"
     state.loader = json.loads(data_state.read_text()) if data_state.exists() else None
-    faults.maybe_fail("load", state.step, rank)
+    hooks.loaded(state.step, rank)
     return state
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run directory (its latest complete checkpoint)."""
-    path = Path(path)
-    if (path / "loom_state.json").exists():
-        if not (path / COMPLETE).exists():
-            raise CheckpointError(f"{path} is incomplete (no {COMPLETE}: its save did not finish)")
-        return path
-    tag = latest_tag(path)
-    if tag is None:
-        raise CheckpointError(f"{path}: neither a checkpoint nor a run directory with a complete checkpoint")
-    return checkpoint_dir(path) / tag
-
-
 def read_config(folder: Path) -> TrainConfig:
-    from pretrain.config import build
-
-    cfg = build(TrainConfig, yaml.safe_load((folder / "config.yaml").read_text()))
+    cfg = build_config(folder / "config.yaml")
     cfg.model.resolve_preset()
     return cfg
-
-
-def read_checkpoint(folder: Path, check: bool = True) -> tuple[dict, TrainConfig, dict]:
-    """Full fp32 weights (canonical names, padded vocabulary), config and shared state of a checkpoint
-    of any layout, in one process."""
-    from .consolidate import read_deepspeed
-    from .portable import read_params
-
-    if check:
-        verify(folder)
-    cfg = read_config(folder)
-    shared = json.loads((folder / "loom_state.json").read_text())
-    saved = shared.get("layout")
-    if saved is None:
-        return read_params(folder), cfg, shared
-    if (folder / "portable" / MODEL_FILE).exists():
-        return read_params(folder / "portable"), cfg, shared
-    params = read_deepspeed(folder, saved["tp"], saved["pp"], saved["dp"], saved["zero_stage"],
-                            cfg.model.n_layers)["params"]
-    return params, cfg, shared
-
-
-def write_portable_checkpoint(run_dir: Path, params: dict, cfg: TrainConfig, step: int = 0) -> Path:
-    """A complete checkpoint of weights alone (no optimizer state): `loom train` continues from it in
-    any layout, with a fresh optimizer."""
-    from .portable import write_portable
-
-    root = checkpoint_dir(run_dir)
-    folder = root / tag_for(step)
-    write_portable(folder, params)
-    state = TrainState(step=step)
-    (folder / "loom_state.json").write_text(json.dumps(state.shared(), indent=2))
-    dump_yaml(cfg, folder / "config.yaml")
-    write_manifest(folder)
-    mark_complete(folder, root)
-    return folder
-
-
-def inspect(path: str | Path, check: bool = True) -> dict:
-    """What `loom ckpt inspect` prints: step, layout, tokens seen, fingerprint, model, size, completeness."""
-    folder = Path(path)
-    if not (folder / "loom_state.json").exists():
-        folder = resolve_checkpoint(path)
-    shared = json.loads((folder / "loom_state.json").read_text())
-    cfg = read_config(folder)
-    files = [p for p in folder.rglob("*") if p.is_file()]
-    report = {"checkpoint": str(folder), "complete": (folder / COMPLETE).exists(), "step": shared["step"],
-              "layout": shared.get("layout") or "portable (full tensors; any layout)",
-              "consumed_tokens": shared["consumed_tokens"], "fingerprint": shared.get("fingerprint") or None,
-              "model": {k: getattr(cfg.model, k) for k in ("preset", *ARCHITECTURE)},
-              "files": len(files), "bytes": folder_bytes(folder),
-              "config": str(folder / "config.yaml")}
-    if check:
-        try:
-            verify(folder)
-            report["manifest"] = "ok: every file matches its sha256"
-        except CheckpointError as e:
-            report["manifest"] = f"FAILED: {e}"
-    return report

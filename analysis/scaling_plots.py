@@ -6,14 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .scaling import optimal_allocation, predict
+
 
 def plot_kind(out: Path, kind: str, rows: list[dict], n, d, loss, entry: dict, budgets) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .scaling import optimal_allocation, predict
 
     fit = entry["approach3"]
     compute = np.array([r["C"] for r in rows])

@@ -2,11 +2,12 @@
 
 Drawing from the live model would need generation code for every parallel layout (TP shards,
 pipeline stages, ZeRO-3 partitions); a saved checkpoint of any layout is already readable as one
-model (pretrain/nll.load_model). So global rank 0 starts `loom eval shapes` on each checkpoint in a
+model (analysis/nll.load_model). So global rank 0 starts `loom eval shapes` on each checkpoint in a
 child process and training goes on without waiting: rank 0 blocking would stall the other ranks in
 their next collective. At most one child runs; a round that comes while it still runs is skipped
 (and logged). `checkpoint.keep_last >= 2` (validated) keeps the checkpoint a child reads until the
-save after next, by which time the child has read its weights.
+save after next, by which time the child has read its weights. The sampler is one of the hooks that
+`loom train` hands the training loop (pretrain/hooks.py), with the command that runs `loom` itself.
 """
 
 from __future__ import annotations
@@ -14,19 +15,20 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-from .config import TrainConfig
+from pretrain.config import TrainConfig
+from pretrain.hooks import TrainHooks
 
 
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                       "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
 
 
-class BackgroundSampler:
-    def __init__(self, cfg: TrainConfig, active: bool, log):
-        self.cfg, self.active, self.log = cfg, active and cfg.samples.interval > 0, log
+class BackgroundSampler(TrainHooks):
+    def __init__(self, cfg: TrainConfig, active: bool, loom: list[str], log=print):
+        """`active`: on global rank 0; `loom`: the command that runs `loom` (the CLI's own)."""
+        self.cfg, self.active, self.loom, self.log = cfg, active and cfg.samples.interval > 0, loom, log
         self.run_dir = Path(cfg.out_dir)
         self.process: subprocess.Popen | None = None
         self.step = 0
@@ -43,7 +45,7 @@ class BackgroundSampler:
         s = self.cfg.samples
         out = self.run_dir / "shapes_eval" / f"step_{step:06d}"
         out.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "launch.cli", "eval", "shapes", str(checkpoint), "--n",
+        command = [*self.loom, "eval", "shapes", str(checkpoint), "--n",
                    str(s.shapes_eval_per_category), "--cfg-scale", str(s.cfg_scale), "--out", str(out), "--step",
                    str(step), "--seed", "0"]
         if self.cfg.logging.tensorboard:
@@ -58,6 +60,17 @@ class BackgroundSampler:
             self.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                             cwd=Path(__file__).resolve().parents[1])
         self.step = step
+
+    def checkpoint_complete(self, folder, step, last):
+        if self.due(step, last):
+            self.start(folder, step)
+
+    def preempted(self):
+        self.stop()
+
+    def finished(self):
+        accuracy = self.wait()
+        return {} if accuracy is None else {"shapes_eval": accuracy}
 
     def stop(self) -> None:
         """On preemption: end the running child, if any (its round is lost; the checkpoint is saved)."""

@@ -29,8 +29,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from .config import ConfigError, TrainConfig, validate
-from .flops import flops_per_token, param_counts
+from common.config import ConfigError
+from pretrain.config import TrainConfig, validate
+from pretrain.flops import flops_per_token, param_counts
 
 GIB = 2 ** 30
 BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce_bucket_size

@@ -1,9 +1,10 @@
-"""`loom generate` and `loom eval shapes`: sample from a checkpoint, score generated images."""
+"""`loom generate`, `loom eval nll` and `loom eval shapes`: sample from a checkpoint, score it."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def add_sampling_args(p: argparse.ArgumentParser, cfg_scale: float, temperature:
 
 
 def sampling_of(args):
-    from pretrain.generate import Sampling
+    from analysis.generate import Sampling
 
     return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
                     negative_prompt=args.negative_prompt, max_new_tokens=getattr(args, "max_new_tokens", 64),
@@ -38,7 +39,7 @@ def sampling_of(args):
 def open_generator(args):
     import torch
 
-    from pretrain.generate import Generator
+    from analysis.generate import Generator
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return Generator.from_checkpoint(args.checkpoint, args.data, args.visual_tokenizer, device,
@@ -57,7 +58,7 @@ def parse_grid(text: str | None) -> tuple[int, int] | None:
 
 def cmd_generate(args) -> int:
     from data_pipeline.media import decode_image, encode_png
-    from pretrain.generate import save_video
+    from analysis.generate import save_video
 
     gen = open_generator(args)
     s = sampling_of(args)
@@ -100,7 +101,7 @@ def image_row(images: list[np.ndarray]) -> np.ndarray:
 
 def cmd_eval_shapes(args) -> int:
     from data_pipeline.media import encode_png
-    from pretrain.shapes_eval import CATEGORIES, format_table, shapes_eval
+    from analysis.shapes_eval import CATEGORIES, format_table, shapes_eval
 
     gen = open_generator(args)
     start = time.time()
@@ -143,7 +144,36 @@ def log_tensorboard(logdir: str, step: int, accuracy: dict, rows: dict, prompts:
             writer.add_text(f"samples/{i:02d}", prompt, step)
 
 
-def add_parsers(sub, evals) -> None:
+def cmd_eval_nll(args) -> int:
+    import json
+
+    import torch
+
+    from analysis.nll import evaluate_nll
+
+    torch.set_num_threads(args.threads or os.cpu_count())
+    result = evaluate_nll(args.checkpoint, args.data, args.max_tokens, args.seq_len)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    evals = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="eval_command", required=True,
+                                                                              metavar="EVAL")
+    p = evals.add_parser("nll", help="mean loss per modality on token shards (one process, any layout)")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", nargs="+", required=True, help="token directories")
+    p.add_argument("--max-tokens", type=int, default=100_000, help="sequence positions to evaluate")
+    p.add_argument("--seq-len", type=int, default=0, help="row length (default: the checkpoint's data.seq_len)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=cmd_eval_nll)
+
     p = sub.add_parser("generate", help="sample text, images, video or captions from a checkpoint (KV cache)")
     add_sampling_args(p, cfg_scale=3.0, temperature=1.0)
     p.add_argument("--mode", choices=["text", "image", "video", "caption"], default="image")

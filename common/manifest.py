@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from .consolidate import CheckpointError
+from .checkpoint_folders import COMPLETE, CheckpointError
 
 MANIFEST = "MANIFEST.json"
-COMPLETE = "COMPLETE"
 UNHASHED = (MANIFEST, COMPLETE)
 
 

@@ -1,7 +1,7 @@
 """Scaling-law sweeps: a spec of model sizes x budgets, run point by point, one results table.
 
 A sweep spec (YAML, see configs/sweeps/) names a base training config and turns one knob, the
-depth. The other dimensions follow fixed rules (documented in README "Scaling-law sweeps"):
+depth. The other dimensions follow fixed rules (documented in docs/sweeps.md):
     dim        = depth x size.aspect                   (nanochat's aspect ratio rule)
     n_heads    = dim / size.head_dim;   n_kv_heads = n_heads / size.kv_group
     ffn_dim    = 8/3 x dim, rounded up to a multiple of 16 (SwiGLU at a 4x MLP's cost)
@@ -20,15 +20,16 @@ import json
 import math
 import shlex
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, TrainConfig, build, doc, load_tree, validate
-from .flops import flops_per_token, param_counts
+from common.config import ConfigError, build, doc
+from data_pipeline.vocab import Vocabulary
+from pretrain.config import TrainConfig, build_config, validate
+from pretrain.flops import flops_per_token, param_counts
 
 
 @dataclass
@@ -107,7 +108,7 @@ def plan(spec: SweepSpec, base: Path, vocab_size: int) -> tuple[list[Point], lis
     for kind, budget in sorted(budgets, key=lambda b: b[1]):
         for depth in sorted(set(spec.size.depths)):
             overrides = [*spec.overrides, *size_overrides(spec.size, depth)]
-            cfg = build(TrainConfig, load_tree(base, overrides))
+            cfg = build_config(base, overrides)
             cfg.model.resolve_preset()
             cfg.model.vocab_size = vocab_size
             per_token = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -196,20 +197,21 @@ eval "${{POINTS[$SLURM_ARRAY_TASK_ID]}} parallel.nproc_per_node={nproc}"
 def load_sweep(spec_path: str | Path, vocab_size: int | None = None):
     """The spec, its base config path and validated base config, the points and the notes on left-out points."""
     spec, base = load_spec(spec_path)
-    base_cfg = build(TrainConfig, load_tree(base, spec.overrides))
+    base_cfg = build_config(base, spec.overrides)
     validate(base_cfg)
     points, notes = plan(spec, base, vocab_size or data_vocab_size(base_cfg))
     return spec, base, base_cfg, points, notes
 
 
-def run_point(base: Path, spec: SweepSpec, point: Point) -> None:
-    """Train one point (resuming its checkpoint if any); wall time accumulates over attempts."""
+def run_point(base: Path, spec: SweepSpec, point: Point, loom: list[str]) -> None:
+    """Train one point with the `loom` command (resuming its checkpoint if any); wall time accumulates over
+    attempts."""
     folder = point_dir(spec, point)
     folder.mkdir(parents=True, exist_ok=True)
     wall_file = folder / "sweep_wall.json"
     wall = json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else 0.0
     start = time.time()
-    command = [sys.executable, "-m", "launch.cli", *train_command(base, spec, point)[1:]]
+    command = [*loom, *train_command(base, spec, point)[1:]]
     result = subprocess.run(command, capture_output=True, text=True)
     wall_file.write_text(json.dumps({"seconds": wall + time.time() - start}))
     (folder / "train.log").write_text(result.stdout + result.stderr)
@@ -219,8 +221,10 @@ def run_point(base: Path, spec: SweepSpec, point: Point) -> None:
                            f"rerun the same command to resume")
 
 
-def run_sweep(spec_path: str | Path, launch: str = "local", vocab_size: int | None = None, log=print) -> dict:
-    """Run (local), print the commands of (print), or write an sbatch array for (slurm) every point."""
+def run_sweep(spec_path: str | Path, launch: str = "local", vocab_size: int | None = None, log=print,
+              loom: list[str] = ("loom",)) -> dict:
+    """Run (local, each point a `loom train` through the command `loom`), print the commands of (print), or
+    write an sbatch array for (slurm) every point."""
     spec, base, base_cfg, points, notes = load_sweep(spec_path, vocab_size)
     for note in notes:
         log(f"sweep: {note}")
@@ -242,7 +246,7 @@ def run_sweep(spec_path: str | Path, launch: str = "local", vocab_size: int | No
             continue
         log(f"sweep: [{i}/{len(points)}] {p.name}: depth {p.depth}, N {p.params['total']:,}, "
             f"D {p.tokens:,} tokens, {p.steps} steps")
-        run_point(base, spec, p)
+        run_point(base, spec, p, list(loom))
         ran += 1
     results = write_results(spec, points)
     log(f"sweep: {ran} points trained, {skipped} already finished; results {results} and "
@@ -262,8 +266,6 @@ def data_vocab_size(cfg: TrainConfig) -> int:
     for source in cfg.data.sources.values():
         vocab = Path(source.path) / "vocab.json"
         if vocab.exists():
-            from data_pipeline.vocab import VocabLayout
-
-            return VocabLayout.from_dict(json.loads(vocab.read_text())["layout"]).size
+            return Vocabulary.from_dict(json.loads(vocab.read_text())["layout"]).size
     raise ConfigError("the sweep's data sources have no vocab.json (set data.sources.NAME.path in `overrides`, "
                       "or model.vocab_size for a plan without data)")

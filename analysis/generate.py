@@ -4,7 +4,7 @@ One process: a checkpoint of any training layout is consolidated into the single
 Transformer (pretrain/nll.load_model). A KV cache makes every new token cost one position;
 `use_cache=False` recomputes the whole sequence at every step (the tests compare the two).
 
-Images and videos follow the vocabulary layout (data_pipeline/vocab.py) by construction: the
+Images and videos follow the sequence format of data_pipeline/vocab.py by construction: the
 prompt ends with `<|image start|> "{h}*{w}" <|image token|>` and a template then forces every
 structural token (eol after each w codes, eof, the end token) and lets the model choose only among
 visual codes in between, so every sample is a decodable grid of the asked size. Classifier-free
@@ -20,10 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.media import encode_mp4, encode_png
+from checkpoints_utils.convert import data_vocabulary, locate_visual_tokenizer
+from data_pipeline.media import decode_image, encode_mp4, encode_png
 from data_pipeline.text_tokenizer import TextTokenizer
-from data_pipeline.vocab import VocabLayout
-from .model import KVCache, Transformer
+from data_pipeline.tokenize import DocumentEncoder
+from data_pipeline.visual_tokenizer import VisualTokenizer
+from data_pipeline.vocab import Vocabulary
+from pretrain.model import KVCache, Transformer
+from .nll import load_model
 
 VISUAL = -1  # a template slot where the model picks any visual code
 
@@ -142,18 +146,16 @@ def sample_tokens(model: Transformer, prompts: list[list[int]], template: list[i
 class Generator:
     """A model with its tokenizers: prompts in, text / code grids / pixels out."""
 
-    def __init__(self, model: Transformer, text: TextTokenizer, layout: VocabLayout, visual=None,
+    def __init__(self, model: Transformer, text: TextTokenizer, vocabulary: Vocabulary, visual=None,
                  image_size: int = 32):
-        from data_pipeline.tokenize import DocumentEncoder
-
-        self.model, self.text, self.layout, self.visual = model, text, layout, visual
+        self.model, self.text, self.vocabulary, self.visual = model, text, vocabulary, visual
         self.image_size = image_size
-        self.encoder = DocumentEncoder(text, visual, layout, image_size, 0)  # the token layout of images and videos
+        self.encoder = DocumentEncoder(text, visual, vocabulary, image_size, 0)  # the sequence format of images and videos
         self.run_config, self.checkpoint = None, {}  # the training config and checkpoint record, when loaded from one
         v = model.cfg.padded_vocab_size
         ids = torch.arange(v)
-        self.visual_mask = (ids >= layout.visual_offset) & (ids < layout.size)
-        self.text_mask = (ids < layout.text_size) | (ids == layout.eos)
+        self.visual_mask = (ids >= vocabulary.visual_offset) & (ids < vocabulary.size)
+        self.text_mask = (ids < vocabulary.text_size) | (ids == vocabulary.eos)
 
     @classmethod
     def from_checkpoint(cls, ckpt: str | Path, data: str | Path | None = None,
@@ -161,15 +163,11 @@ class Generator:
                         dtype: torch.dtype = torch.float32) -> "Generator":
         """The checkpoint's model (in `dtype`) and the tokenizers of its data (vocab.json of `data` or of
         the run's first data source), the visual tokenizer (fp32) checked against the vocabulary fingerprint."""
-        from checkpoints_utils.convert import data_vocabulary, locate_visual_tokenizer
-        from data_pipeline.visual_tokenizer import VisualTokenizer
-        from .nll import load_model
-
         model, cfg, shared = load_model(ckpt)
         data_dir, vocab = data_vocabulary(cfg, data)
-        layout = VocabLayout.from_dict(vocab["layout"])
-        vq_dir = locate_visual_tokenizer(vocab, data_dir, layout, shared, visual_tokenizer)
-        gen = cls(model.to(device, dtype), TextTokenizer(data_dir / "text_tokenizer.model"), layout,
+        vocabulary = Vocabulary.from_dict(vocab["layout"])
+        vq_dir = locate_visual_tokenizer(vocab, data_dir, vocabulary, shared, visual_tokenizer)
+        gen = cls(model.to(device, dtype), TextTokenizer(data_dir / "text_tokenizer.model"), vocabulary,
                   VisualTokenizer.from_pretrained(vq_dir).to(device), vocab.get("image_size", 32))
         gen.run_config, gen.checkpoint = cfg, shared
         return gen
@@ -181,11 +179,12 @@ class Generator:
 
     def grid_template(self, frames: int, h: int, w: int, end: str) -> list[int]:
         """`frames` frames of h rows of w free slots (each row then eol, each frame then eof), then `end`."""
-        return self.encoder.frame_tokens(np.full((h, w), VISUAL)) * frames + [self.layout.special(end)]
+        return self.encoder.frame_tokens(np.full((h, w), VISUAL)) * frames + [self.vocabulary.special(end)]
 
     def visual_prompt(self, text: str, start: str, shape: tuple[int, ...]) -> list[int]:
         """<|bos|>, the text, then the opening of an image or video of grid `shape`."""
-        return [self.layout.bos] + (self.text.encode(text) if text else []) + self.encoder.visual_prefix(start, shape)
+        prompt = self.text.encode(text) if text else []
+        return [self.vocabulary.bos] + prompt + self.encoder.visual_prefix(start, shape)
 
     def _codes(self, prompts: list[str], s: Sampling, frames: int, h: int, w: int, start: str, end: str,
                shape: tuple[int, ...], use_cache: bool) -> np.ndarray:
@@ -193,10 +192,10 @@ class Generator:
         cond = [self.visual_prompt(p, start, shape) for p in prompts]
         uncond = [self.visual_prompt(s.negative_prompt, start, shape)] * len(prompts) if s.cfg_scale != 1.0 else None
         template = self.grid_template(frames, h, w, end)
-        out = sample_tokens(self.model, cond, template, self.visual_mask, s, self.layout.special("<|pad|>"),
+        out = sample_tokens(self.model, cond, template, self.visual_mask, s, self.vocabulary.special("<|pad|>"),
                             uncond=uncond, use_cache=use_cache).cpu()
         slots = torch.tensor(template) == VISUAL
-        return (out[:, slots] - self.layout.visual_offset).view(len(prompts), frames, h, w).numpy()
+        return (out[:, slots] - self.vocabulary.visual_offset).view(len(prompts), frames, h, w).numpy()
 
     def image_codes(self, prompts: list[str], s: Sampling, grid: tuple[int, int] | None = None,
                     use_cache: bool = True) -> np.ndarray:
@@ -219,23 +218,21 @@ class Generator:
 
     def continue_text(self, prompts: list[str], s: Sampling, use_cache: bool = True) -> list[str]:
         """Text continuation of each prompt (the prompt itself not repeated)."""
-        return self._text([[self.layout.bos] + self.text.encode(p) for p in prompts], s, use_cache)
+        return self._text([[self.vocabulary.bos] + self.text.encode(p) for p in prompts], s, use_cache)
 
     def caption(self, images: list[np.ndarray], s: Sampling, prompt: str = "") -> list[str]:
         """Image-to-text: the image's tokens (as the tokenize job writes them), then `prompt`, continued."""
-        from data_pipeline.media import decode_image
-
         rows, tail = [], self.text.encode(prompt) if prompt else []
         for rgb in images:
             if rgb.shape[:2] != (self.image_size, self.image_size):
                 rgb = decode_image(encode_png(rgb), self.image_size)
             codes = self.visual.encode_image(rgb)
-            rows.append([self.layout.bos] + self.encoder.image_tokens(codes) + tail)
+            rows.append([self.vocabulary.bos] + self.encoder.image_tokens(codes) + tail)
         return self._text(rows, s, True)
 
     def _text(self, rows: list[list[int]], s: Sampling, use_cache: bool) -> list[str]:
-        eos = self.layout.eos
-        out = sample_tokens(self.model, rows, None, self.text_mask, s, self.layout.special("<|pad|>"), stop=eos,
+        eos = self.vocabulary.eos
+        out = sample_tokens(self.model, rows, None, self.text_mask, s, self.vocabulary.special("<|pad|>"), stop=eos,
                             use_cache=use_cache).cpu()
         texts = []
         for row in out.tolist():

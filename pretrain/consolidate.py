@@ -23,13 +23,11 @@ from pathlib import Path
 
 import torch
 
+from common.checkpoint_folders import CheckpointError
+
 MOMENTS = ("exp_avg", "exp_avg_sq")
 ROW_PARALLEL = ("attn.out.weight", "mlp.down.weight")
 REPLICATED = ("attn_norm.weight", "mlp_norm.weight")
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used, with the file and the reason."""
 
 
 def tp_dim(name: str) -> int | None:
