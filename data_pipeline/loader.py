@@ -55,6 +55,10 @@ class Source:
     def open(cls, name: str, path: str | Path, weight: float) -> "Source":
         path = Path(path)
         manifest = read_json(path / "manifest.json")
+        if "shards" not in manifest and "sources" in manifest:  # the job's merged manifest, over one folder per source
+            folders = ", ".join(str(path / s) for s in sorted(manifest["sources"]))
+            raise ShardError(f"{path / 'manifest.json'} is a tokenize job's summary of several sources; point "
+                             f"data.sources.{name}.path at one source's folder: {folders}")
         return cls(name, path, weight, [path / s for s in manifest["shards"]] or list_shards(path),
                    manifest["fingerprint"], Vocabulary.from_dict(manifest["layout"]))
 

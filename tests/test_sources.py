@@ -21,7 +21,8 @@ from PIL import Image
 
 from conftest import REPO, run_loom
 from data_pipeline.media import encode_mp4
-from data_pipeline.shards import ShardWriter, iter_samples, npy_load, read_json
+from data_pipeline.loader import Source
+from data_pipeline.shards import ShardError, ShardWriter, iter_samples, npy_load, read_json
 from data_pipeline.text_tokenizer import TextTokenizer
 from data_pipeline.tokenize_config import load_tokenize_config
 from data_pipeline.tokenize_job import run_tokenize
@@ -161,6 +162,10 @@ def test_every_reader_on_its_format(world, tmp_path):
     assert texts == sorted(["one web page", "another page", "First paragraph still first.", "Second paragraph.",
                             "Third."])
     assert read_json(tmp_path / "out" / "laion" / "manifest.json")["fingerprint"] == m["fingerprint"]
+    with pytest.raises(ShardError, match=r"summary of several sources; point data.sources.mix.path at one source's "
+                                         r"folder: .*out/laion, .*out/mmc4"):
+        Source.open("mix", tmp_path / "out", 1.0)  # the job's merged manifest is not a source
+    assert Source.open("laion", tmp_path / "out" / "laion", 1.0).shards
     result = run_loom("data", "text-tokenizer", "--sources", tmp_path / "tok.yaml", "--out", tmp_path / "sp",
                       "--vocab-size", "300")
     assert result.returncode == 0 and "from 27 text segments" in result.stdout, result.stderr[-2000:]
