@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.vocab import Vocabulary, fingerprint
+from data_pipeline.vocab import TEXT_ENCODING, Vocabulary, fingerprint
 from common.checkpoint_folders import CheckpointError
 from common.config import dump_yaml
 from pretrain.config import ModelConfig, TrainConfig
@@ -61,8 +61,10 @@ def locate_visual_tokenizer(vocab: dict, data_dir: Path, vocabulary: Vocabulary,
         raise CheckpointError(f"visual tokenizer not found at {vq_dir}; pass --visual-tokenizer DIR")
     trained_on = shared.get("fingerprint")
     if trained_on and fingerprint(vocabulary, data_dir / "text_tokenizer.model", vq_dir) != trained_on:
-        raise CheckpointError(f"{vq_dir} is not the visual tokenizer this model was trained with "
-                              f"(vocabulary fingerprint {trained_on})")
+        raise CheckpointError(f"{vq_dir} with {data_dir / 'text_tokenizer.model'} is not what this model was trained "
+                              f"with (vocabulary fingerprint {trained_on}: the vocabulary, the text encoding "
+                              f"({TEXT_ENCODING}) and both tokenizers' files); pass --visual-tokenizer DIR, or "
+                              f"retokenize and retrain with this Loom if the model predates its text encoding")
     return vq_dir
 
 
@@ -77,7 +79,7 @@ def build_tokenizer(text_model: Path, vocabulary: Vocabulary):
     specials = list(vocabulary.special_tokens)
     tokenizer = LlamaTokenizer(vocab=pieces["vocab"], merges=pieces["merges"], unk_token="<unk>",
                                bos_token=specials[0], eos_token=specials[1], pad_token=specials[2],
-                               add_bos_token=False)
+                               add_bos_token=False, add_prefix_space=False)  # as Loom encodes a text segment
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
     tokenizer.add_tokens([AddedToken(f"<|visual token {i:06d}|>", special=True, normalized=False)
                           for i in range(vocabulary.codebook_size)], special_tokens=True)

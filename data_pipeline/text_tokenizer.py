@@ -1,4 +1,12 @@
-"""The text tokenizer: sentencepiece BPE with byte fallback, trained on the text of raw shards."""
+"""The text tokenizer: sentencepiece BPE with byte fallback, trained on the text of raw shards.
+
+Every text segment of a document follows a special token (<|bos|>, <|image end|>, ...) and is encoded the
+way transformers' tokenizer of an exported model encodes text after a special token: no dummy prefix
+("A red circle" -> `A ▁red ▁circle`, the grid "8*8" -> `8 * 8`, as in Emu3's own sequences), no
+normalization and no whitespace collapsing (the exported tokenizer has neither). So the ids Loom trains
+on are the ids transformers' Emu3Processor builds (tests/test_convert.py). A tokenizer model trained by
+an earlier Loom is read the same way; the vocabulary fingerprint says so (vocab.TEXT_ENCODING).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ import io
 from pathlib import Path
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from .raw import SkipCounter
 from .sources import documents_of, iter_documents, list_inputs
@@ -18,7 +27,7 @@ class TextTokenizer:
         self.path = Path(model_path)
         if not self.path.is_file():
             raise FileNotFoundError(f"text tokenizer not found: {self.path}")
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self.sp = spm.SentencePieceProcessor(model_proto=segment_encoding(self.path.read_bytes()))
 
     @property
     def vocab_size(self) -> int:
@@ -29,6 +38,17 @@ class TextTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
+
+
+def segment_encoding(model: bytes) -> bytes:
+    """The sentencepiece model with the encoding of text segments: no dummy prefix, identity normalization,
+    whitespace kept (what the exported transformers tokenizer does after a special token)."""
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model)
+    spec = proto.normalizer_spec
+    spec.add_dummy_prefix, spec.remove_extra_whitespaces = False, False
+    spec.name, spec.precompiled_charsmap = "identity", b""
+    return proto.SerializeToString()
 
 
 def train_text_tokenizer(raw_dirs: list[str | Path], out_dir: str | Path, vocab_size: int = 512,
@@ -54,10 +74,13 @@ def train_text_tokenizer(raw_dirs: list[str | Path], out_dir: str | Path, vocab_
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=model, model_type="bpe",
-        vocab_size=vocab_size, byte_fallback=True, character_coverage=1.0, hard_vocab_limit=False,
+        # characters past 99.95% coverage are spelt in bytes (byte fallback): un-normalized text has many rare ones
+        vocab_size=vocab_size, byte_fallback=True, character_coverage=0.9995, hard_vocab_limit=False,
         # Loom's own special tokens live after the text vocabulary (DESIGN §2); sentencepiece keeps
         # only <unk>, so its ids are exactly the text pieces.
         bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0, split_digits=True, num_threads=2,
+        # segments are encoded as they are (TextTokenizer): learn the pieces of that encoding
+        add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
         # digits and '*' spell the image grid prefix "{h}*{w}" (DESIGN §2)
         required_chars="0123456789*",
         minloglevel=2)

@@ -78,9 +78,16 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+# How text segments become ids (data_pipeline/text_tokenizer.py); part of the fingerprint, so that token shards
+# and checkpoints made with another encoding of the same tokenizer file are refused by name.
+TEXT_ENCODING = "segments without dummy prefix, identity normalization, whitespace kept"
+
+
 def fingerprint(vocabulary: Vocabulary, text_model: str | Path, vq_dir: str | Path) -> str:
-    """sha256 over the vocabulary, the text tokenizer file and the VQ weight files (first 16 hex digits)."""
+    """sha256 over the vocabulary, the text encoding, the text tokenizer file and the VQ weight files (first 16
+    hex digits)."""
     h = hashlib.sha256(json.dumps(vocabulary.to_dict(), sort_keys=True).encode())
+    h.update(TEXT_ENCODING.encode())
     h.update(_file_digest(Path(text_model)).encode())
     for weights in sorted(Path(vq_dir).glob("*.safetensors")):
         h.update(_file_digest(weights).encode())

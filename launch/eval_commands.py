@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 
 
-def add_sampling_args(p: argparse.ArgumentParser, cfg_scale: float, temperature: float) -> None:
-    p.add_argument("checkpoint", help="a checkpoint folder or a run directory (its latest checkpoint), any layout")
+def add_sampling_args(p: argparse.ArgumentParser, cfg_scale: float, temperature: float,
+                      checkpoint_help: str = "a checkpoint folder or a run directory (its latest checkpoint), any layout"
+                      ) -> None:
+    p.add_argument("checkpoint", help=checkpoint_help)
     p.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
@@ -100,10 +102,14 @@ def image_row(images: list[np.ndarray]) -> np.ndarray:
 
 
 def cmd_eval_shapes(args) -> int:
-    from data_pipeline.media import encode_png
     from analysis.shapes_eval import CATEGORIES, format_table, shapes_eval
+    from analysis.transformers_images import TransformersImages, is_emu3_export
+    from data_pipeline.media import encode_png
 
-    gen = open_generator(args)
+    if is_emu3_export(args.checkpoint):  # an export, drawn through transformers' processor and generate
+        gen = TransformersImages(args.checkpoint, args.device or "cpu")
+    else:
+        gen = open_generator(args)
     start = time.time()
     result = shapes_eval(gen, args.n, sampling_of(args), seed=args.seed) if args.n else {"accuracy": {}, "samples": []}
     out = Path(args.out)
@@ -189,7 +195,8 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
     p = evals.add_parser("shapes", help="ShapesEval: GenEval's categories on the shapes world, scored by pixels")
-    add_sampling_args(p, cfg_scale=3.0, temperature=1.0)
+    add_sampling_args(p, cfg_scale=3.0, temperature=1.0, checkpoint_help="a checkpoint folder or run directory (any "
+                      "layout), or an Emu3 directory of `loom convert to-hf` (drawn through transformers)")
     p.add_argument("--n", type=int, default=32, help="prompts per category (0: only --prompt)")
     p.add_argument("--out", default="shapes_eval", help="output directory (shapes_eval.json, image rows)")
     p.add_argument("--prompt", nargs="*", default=[], help="extra prompts to draw and save (and log)")

@@ -71,11 +71,11 @@ def test_export_matches_loom_logits(fmt, sources, world, tmp_path, groups):
         theirs = hf(input_ids=ids[None]).logits
     assert (theirs - loom_logits(ckpt, ids)).abs().max() <= TOL
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
-    import sentencepiece as spm
+    from data_pipeline.text_tokenizer import TextTokenizer
 
-    sp = spm.SentencePieceProcessor(model_file=str(world / "tokens" / "text_tokenizer.model"))
-    caption = "two red squares on the left of a blue circle 12*34"
-    assert tokenizer.encode(caption, add_special_tokens=False) == sp.encode(caption)
+    text = TextTokenizer(world / "tokens" / "text_tokenizer.model")
+    for caption in ("two red squares on the left of a blue circle 12*34", " spaces  kept,\nlines too "):
+        assert tokenizer.encode(caption, add_special_tokens=False) == text.encode(caption)
 
 
 @pytest.mark.slow
@@ -126,6 +126,70 @@ def test_transformers_generates_an_image_from_an_emu3_export(sources, tmp_path):
     image = processor.postprocess(pixels, return_tensors="PIL.Image.Image")["pixel_values"][0]
     image.save(tmp_path / "generated.png")
     assert image.size == (32, 32)
+
+
+def loom_documents(world) -> dict:
+    """One raw document of each kind of the test world, with the ids the tokenize job writes for it."""
+    from data_pipeline.raw import SkipCounter
+    from data_pipeline.sources import iter_documents
+    from data_pipeline.text_tokenizer import TextTokenizer
+    from data_pipeline.tokenize import DocumentEncoder
+    from data_pipeline.visual_tokenizer import VisualTokenizer
+    from data_pipeline.vocab import Vocabulary
+
+    vocabulary = Vocabulary.from_dict(json.loads((world / "tokens" / "vocab.json").read_text())["layout"])
+    encoder = DocumentEncoder(TextTokenizer(world / "tok" / "text_tokenizer.model"),
+                              VisualTokenizer.from_pretrained(world / "tok" / "vq"), vocabulary, 32, 8)
+    kinds = {"caption, image": ["text", "image"], "video": ["text", "video"], "text": ["text"]}
+    found = {}
+    for _, segments in iter_documents([world / "raw"], SkipCounter()):
+        order = [s.kind for s in segments]
+        name = next((k for k, v in kinds.items() if v == order),
+                    "interleaved" if "image" in order and order.count("text") >= 2 else None)
+        if name and name not in found:
+            found[name] = encoder.decode(segments)
+    assert set(found) == {*kinds, "interleaved"}, sorted(found)
+    found["image, caption"] = found["caption, image"][::-1]  # as img2dataset sources write some (captioning)
+    return {name: (decoded, encoder.encode_batch([decoded])[0][0].tolist()) for name, decoded in found.items()}
+
+
+@pytest.mark.slow
+def test_transformers_processor_builds_the_ids_loom_trains_on(sources, world, tmp_path):
+    """Each kind of document through Emu3Processor (images merged in as the model does) equals Loom's shard
+    ids; the processor's image-generation prompt equals `loom generate`'s."""
+    from PIL import Image
+    from transformers import Emu3ForConditionalGeneration, Emu3Processor
+
+    from analysis.generate import Generator
+
+    out = export(sources / "tp2-dp2-zero3", tmp_path / "emu3", "emu3")
+    model = Emu3ForConditionalGeneration.from_pretrained(out).eval()
+    processor = Emu3Processor.from_pretrained(out)
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids(tok.eos_token)
+    for name, (decoded, loom_ids) in loom_documents(world).items():
+        if name == "video":  # Emu3Processor has no video path: its prefix through the tokenizer
+            (_, caption), (_, frames) = decoded
+            t, h, w = len(frames) // 4, 32 // 8, 32 // 8  # the VQ's 4x temporal and 8x spatial downsampling
+            prefix = f"{tok.bos_token}{caption}<|video start|>{t}*{h}*{w}<|image token|>"
+            ids = tok(prefix, add_special_tokens=False)["input_ids"]
+            assert ids == loom_ids[:len(ids)], (tok.convert_ids_to_tokens(ids), tok.convert_ids_to_tokens(loom_ids))
+            continue
+        text = "".join(payload if kind == "text" else processor.image_token for kind, payload in decoded)
+        images = [Image.fromarray(payload) for kind, payload in decoded if kind == "image"]
+        inputs = processor(text=[text], images=images or None, return_tensors="pt")
+        ids = inputs["input_ids"][0]
+        if images:
+            with torch.no_grad():
+                codes = model.model.get_image_tokens(inputs["pixel_values"], inputs["image_sizes"])
+            ids = ids.masked_scatter(ids == tok.convert_tokens_to_ids(processor.image_token), codes.to(ids.dtype))
+        assert ids.tolist() + [eos] == loom_ids, (name, tok.convert_ids_to_tokens(ids), tok.convert_ids_to_tokens(loom_ids))
+
+    generator = Generator.from_checkpoint(sources / "tp2-dp2-zero3", data=world / "tokens")
+    prompt = "A red circle on the left."
+    theirs = processor(text=[prompt], return_for_image_generation=True, ratio="1:1", image_area=32 * 32)
+    h, w = theirs["image_sizes"][0]
+    assert list(theirs["input_ids"][0]) == generator.visual_prompt(prompt, "<|image start|>", (h, w))
 
 
 @pytest.mark.slow

@@ -86,3 +86,10 @@ def test_the_command_reader_finds_a_broken_command():
     assert loom_commands(block) == [["train", "configs/tiny.yaml", "out_dir=x"], ["trian", "configs/tiny.yaml"]]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["trian", "configs/tiny.yaml"])
+
+
+def test_every_link_between_the_docs_resolves():
+    broken = [f"{path.relative_to(REPO)}: {link}" for path in DOCS
+              for link in re.findall(r"\]\(([^)\s]+)\)", path.read_text())
+              if "://" not in link and not (path.parent / link.split("#")[0]).exists()]
+    assert not broken, "links to missing files:\n" + "\n".join(broken)

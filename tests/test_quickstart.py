@@ -1,6 +1,7 @@
 """The whole pipeline end to end at a small size, through the `loom quickstart` command."""
 
 import json
+import math
 
 import pytest
 
@@ -24,6 +25,16 @@ def test_quickstart_end_to_end_then_skips_finished_stages(tmp_path):
     assert shapes["step"] == 60 and len(shapes["samples"]) == 6 * 16 and len(shapes["prompts"]) == 4
     assert result["shapes_eval"] == shapes["accuracy"] and "shapes eval at step 60" in first.stdout
     assert list((out / "train" / "tensorboard").glob("*.samples"))
+
+    # the same checkpoint exported and drawn through transformers (Emu3Processor builds the ids training used):
+    # its ShapesEval agrees with Loom's within sampling noise, 3 sigma of the difference of two means over
+    # 6 x 16 prompts with p(1 - p) <= 1/4
+    export = run_loom("convert", "to-hf", out / "train", tmp_path / "hf", "--format", "emu3")
+    assert export.returncode == 0, export.stderr[-2000:]
+    through_hf = run_loom("eval", "shapes", tmp_path / "hf", "--n", "16", "--out", tmp_path / "hf_shapes")
+    assert through_hf.returncode == 0, through_hf.stderr[-2000:]
+    theirs = json.loads((tmp_path / "hf_shapes" / "shapes_eval.json").read_text())["accuracy"]["overall"]
+    assert abs(theirs - shapes["accuracy"]["overall"]) <= 3 * math.sqrt(2 * 0.25 / (6 * 16))
 
     manifest = (out / "tokens" / "manifest.json").read_bytes()
     second = run_loom("quickstart", "--out", out, "--docs", "400", "--steps", "60", "--vq-steps", "20")
