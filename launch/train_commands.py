@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from .torchrun import check_sources, exit_now, inside_torchrun, reexec_under_torchrun
 
@@ -32,8 +33,6 @@ def cmd_train(args) -> int:
 
 def loom_command() -> list[str]:
     """The command that runs `loom` with this interpreter, for the children a run starts (samples, sweep points)."""
-    import sys
-
     return [sys.executable, "-m", "launch.cli"]
 
 

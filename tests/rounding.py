@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 FP32_EPS = 2.0 ** -23          # one ulp of a float32 relative to its value: the floor is never below it
 FLOOR_MULTIPLE = 10.0
+REFERENCE_MICRO_BATCH, EQUIVALENT_MICRO_BATCHES = 2, (1, 4, 8)  # the same global batch, summed in other orders
 BUG_SHIFT = 1e-3               # absolute loss shift of the smallest layout bug test_layouts injects
 
 
@@ -36,6 +37,9 @@ class Drift:
 
     def __str__(self) -> str:
         return f"loss {self.loss:.2e}, grad norm {self.grad:.2e} (relative, max over steps)"
+
+    def scaled(self, factor: float) -> "Drift":
+        return Drift(factor * self.loss, factor * self.grad)
 
 
 def drift(records: list[dict], reference: list[dict], steps: set[int] | None = None) -> Drift:
@@ -53,9 +57,16 @@ def rounding_floor(reference: list[dict], equivalents: list[list[dict]], steps: 
     return Drift(max(FP32_EPS, *(d.loss for d in drifts)), max(FP32_EPS, *(d.grad for d in drifts)))
 
 
+def floor_of(run) -> tuple[list[dict], Drift]:
+    """The one-process reference and its rounding floor; `run(micro_batch)` trains one process and returns its
+    metrics records."""
+    reference = run(REFERENCE_MICRO_BATCH)
+    return reference, rounding_floor(reference, [run(mb) for mb in EQUIVALENT_MICRO_BATCHES])
+
+
 def tolerance(floor: Drift, reference: list[dict]) -> Drift:
     """FLOOR_MULTIPLE x the floor, refused when it would let a real bug through (the floor itself is broken)."""
-    allowed = Drift(FLOOR_MULTIPLE * floor.loss, FLOOR_MULTIPLE * floor.grad)
+    allowed = floor.scaled(FLOOR_MULTIPLE)
     largest_loss = max(r["loss"]["total"] for r in reference)
     assert allowed.loss * largest_loss <= BUG_SHIFT / 10, \
         f"rounding floor {floor} too high: a tolerance of {FLOOR_MULTIPLE:g}x it would hide a layout bug"

@@ -15,6 +15,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO
 
 LAYERS = ["common", "data_pipeline", "pretrain", "checkpoints_utils", "analysis", "launch"]
@@ -95,15 +97,7 @@ def test_the_layer_test_sees_a_violation(tmp_path, monkeypatch):
         (tmp_path / package).mkdir()
     (tmp_path / "common" / "a.py").write_text("from pretrain import b\n")
     (tmp_path / "pretrain" / "b.py").write_text("def f():\n    from common.a import x\n")
-    try:
+    with pytest.raises(AssertionError, match="common/a.py:1 imports pretrain.b"):
         test_every_import_points_down_the_stack()
-    except AssertionError as e:
-        assert "common/a.py:1 imports pretrain.b" in str(e)
-    else:
-        raise AssertionError("the upward import was not found")
-    try:
+    with pytest.raises(AssertionError, match="common.a -> pretrain.b -> common.a"):
         test_no_module_imports_itself_back()
-    except AssertionError as e:
-        assert "common.a -> pretrain.b -> common.a" in str(e)
-    else:
-        raise AssertionError("the cycle was not found")

@@ -16,7 +16,7 @@ from common.checkpoint_folders import latest_tag
 from common.checkpoint_folders import COMPLETE
 from common.manifest import MANIFEST
 from conftest import SOURCE_LAYOUTS, run_loom, train_tiny
-from rounding import Drift, assert_same_run, rounding_floor, tolerance
+from rounding import assert_same_run, floor_of, tolerance
 from common.metrics import read_metrics
 
 SOURCES = {name: (4, layout) for name, layout in SOURCE_LAYOUTS.items()}
@@ -53,12 +53,13 @@ def test_resume_in_the_same_layout_is_bitwise(sources, world, tmp_path):
 @pytest.fixture(scope="module")
 def reshard_tolerance(world, tmp_path_factory):
     """Twice the layout tolerance of `train_tiny` runs: source and target layout each drift from one process."""
-    root, records = tmp_path_factory.mktemp("floor"), {}
-    for mb in (2, 1, 4, 8):  # the source runs' micro-batch (2), then the equivalent ones
-        train(world, root / f"mb{mb}", 1, f"data.micro_batch_size={mb}")
-        records[mb] = list(steps(root / f"mb{mb}").values())
-    allowed = tolerance(rounding_floor(records[2], [records[1], records[4], records[8]]), records[2])
-    return Drift(2 * allowed.loss, 2 * allowed.grad)
+    root = tmp_path_factory.mktemp("floor")
+
+    def run(micro_batch):  # the source runs' micro-batch is the reference's (2)
+        train(world, root / f"mb{micro_batch}", 1, f"data.micro_batch_size={micro_batch}")
+        return list(steps(root / f"mb{micro_batch}").values())
+    reference, floor = floor_of(run)
+    return tolerance(floor, reference).scaled(2)
 
 
 @pytest.mark.slow

@@ -13,7 +13,8 @@ every fp32 tolerance here.
 import pytest
 
 from conftest import REPO, run_loom
-from rounding import BUG_SHIFT, FLOOR_MULTIPLE, Drift, assert_same_run, drift, rounding_floor, tolerance
+from rounding import (BUG_SHIFT, FLOOR_MULTIPLE, REFERENCE_MICRO_BATCH, Drift, assert_same_run, drift, floor_of,
+                      tolerance)
 from common.metrics import read_metrics
 
 STEPS = 10
@@ -42,15 +43,11 @@ def train(world, out, nproc, *overrides, env=None):
     return records
 
 
-EQUIVALENT_MICRO_BATCHES = (1, 4, 8)  # the reference uses 2; all give the same global batch of 8
-
-
 def one_process(world, root, name, *overrides) -> dict:
     """A one-process run and its rounding floor: the drift of the same run with other micro-batch sizes."""
-    run = train(world, root / name, 1, *overrides)
-    equivalents = [train(world, root / f"{name}-mb{mb}", 1, *overrides, f"data.micro_batch_size={mb}")
-                   for mb in EQUIVALENT_MICRO_BATCHES]
-    return {"records": run, "dir": root / name, "floor": rounding_floor(run, equivalents)}
+    records, floor = floor_of(lambda mb: train(world, root / f"{name}-mb{mb}", 1, *overrides,
+                                               f"data.micro_batch_size={mb}"))
+    return {"records": records, "dir": root / f"{name}-mb{REFERENCE_MICRO_BATCH}", "floor": floor}
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +127,7 @@ def test_one_process_in_bf16_stays_close_to_fp32(bf16_reference, reference):
 def test_layout_in_bf16_matches_one_process_in_bf16(layout, bf16_reference, reference, world, tmp_path):
     records = train(world, tmp_path / layout, 4, *LAYOUTS[layout], "parallel.bf16=true")
     floor = bf16_reference["floor"]  # bf16's floor is ~1e-3 of fp32's: a bug would show in the fp32 tests above
-    allowed = Drift(FLOOR_MULTIPLE * floor.loss, FLOOR_MULTIPLE * floor.grad)
+    allowed = floor.scaled(FLOOR_MULTIPLE)
     print(f"{layout} bf16: drift {assert_same_run(records, bf16_reference['records'], allowed)}; floor {floor}")
     assert_close_to_fp32(records, reference["emu3"]["records"])
 
