@@ -63,6 +63,7 @@ def compiled_floor(world, reference, tmp_path_factory):
     ref = reference["emu3"]
     compiled = train(world, tmp_path_factory.mktemp("compiled") / "one", 1, "model.compile=true")
     fused = drift(compiled, ref["records"])
+    print(f"compiled blocks on one process: drift {fused}")
     assert fused.loss <= tolerance(ref["floor"], ref["records"]).loss, f"compiled one process drifts: {fused}"
     return Drift(max(ref["floor"].loss, fused.loss), max(ref["floor"].grad, fused.grad))
 
@@ -99,6 +100,7 @@ def test_a_layout_bug_moves_the_loss_far_beyond_the_tolerance(mutation, layout, 
     records = train(world, tmp_path / mutation, 4, *LAYOUTS[layout], env=env)
     ref = reference["emu3"]["records"]
     shift = max(abs(a["loss"]["total"] - b["loss"]["total"]) for a, b in zip(records, ref))
+    print(f"{mutation} under {layout}: the loss moves by up to {shift:.3f}")
     assert shift >= BUG_SHIFT
     assert drift(records, ref).loss > 10 * tolerance(reference["emu3"]["floor"], ref).loss
 
