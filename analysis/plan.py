@@ -12,6 +12,11 @@ Memory is estimated per GPU for every pipeline stage, and the most loaded stage 
   (e = 2 or 4 bytes per element; h, g query and kv heads, hd head_dim, f ffn_dim, TP splits the heads):
     two RMSNorms: fp32 input, normalised and scaled outputs          2 (4 + 2e) t d
     attention: fused qkv, rotated q and k, SDPA output, its copy     e t hd (4h + 3g) / TP
+      and the kernel's logsumexp per query head                      4 t h / TP
+      with a dense mask (model.attention=sdpa on packed rows): SDPA
+      saves it as a float (mb, 1, s, s) tensor in every block        e mb s^2
+      (and the boolean mask, once per micro-batch: mb s^2); flex and one-document rows have no s^2 term.
+      A plan is for GPUs, where model.attention=auto means flex.
     qk-norm (chameleon): its inputs and outputs                      4 e t hd (h + g) / TP
     SwiGLU: gate, up, silu(gate), their product                      4 e t f / TP
   with activation checkpointing 'full' only each block's input is kept (e t d) and one block is recomputed
@@ -29,11 +34,15 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import torch
+
 from common.config import ConfigError
 from pretrain.config import TrainConfig, validate
+from pretrain.attention import kernel_for
 from pretrain.flops import flops_per_token, param_counts
 
 GIB = 2 ** 30
+CUDA = torch.device("cuda")
 BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce_bucket_size
 
 
@@ -64,6 +73,11 @@ def block_params(cfg: TrainConfig) -> tuple[int, int]:
     return split, 2 * m.dim
 
 
+def dense_mask(cfg: TrainConfig) -> bool:
+    """Whether attention over packed rows takes a dense s x s mask (pretrain/attention.py) on a GPU."""
+    return kernel_for(cfg.model.attention, CUDA) == "sdpa"
+
+
 def block_activations(cfg: TrainConfig, micro_batch: int, mode: str) -> tuple[float, float]:
     """(bytes one block keeps for the backward pass, bytes it holds while it is recomputed) per micro-batch."""
     m, p = cfg.model, cfg.parallel
@@ -71,7 +85,9 @@ def block_activations(cfg: TrainConfig, micro_batch: int, mode: str) -> tuple[fl
     t = cfg.data.seq_len * micro_batch
     sp = p.tp if p.sequence_parallel else 1
     norms = 2 * (4 + 2 * e) * t * m.dim / sp
-    attention = e * t * m.head_dim * (4 * m.n_heads + 3 * m.n_kv_heads) / p.tp
+    attention = e * t * m.head_dim * (4 * m.n_heads + 3 * m.n_kv_heads) / p.tp + 4 * t * m.n_heads / p.tp
+    if dense_mask(cfg):
+        attention += e * micro_batch * cfg.data.seq_len ** 2
     if m.qk_norm:
         attention += 4 * e * t * m.head_dim * (m.n_heads + m.n_kv_heads) / p.tp
     mlp = 4 * e * t * m.ffn_dim / p.tp
@@ -103,6 +119,8 @@ def stage_memory(cfg: TrainConfig, dp: int, stage: int, micro_batch: int, reserv
     in_flight = min(p.pp - stage, grad_accum) if p.pp > 1 else 1
     kept, recomputed = block_activations(cfg, micro_batch, m.activation_checkpointing)
     activations = in_flight * blocks * kept + (recomputed if blocks else 0)
+    if dense_mask(cfg) and blocks:
+        activations += in_flight * micro_batch * cfg.data.seq_len ** 2  # the boolean mask the blocks share
     e = 2 if p.bf16 else 4
     t = cfg.data.seq_len * micro_batch
     logits = t * m.padded_vocab_size / p.tp * (e + 12) if stage == p.pp - 1 else 0.0

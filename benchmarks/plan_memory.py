@@ -36,6 +36,9 @@ CASES = {  # name: (model, seq_len, micro-batch, activation checkpointing)
     "20M-s1024-b2-full": (dict(dim=512, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=1408), 1024, 2, "full"),
     "25M-s512-b4-attention": (dict(dim=640, n_layers=3, n_heads=10, n_kv_heads=5, ffn_dim=1792), 512, 4,
                               "attention"),
+    # long rows: the dense mask's s^2 term (a float s x s mask saved per block) dominates at 4k
+    "8M-s2048-b1": (dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=704), 2048, 1, "none"),
+    "8M-s4096-b1": (dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=704), 4096, 1, "none"),
 }
 
 
@@ -53,7 +56,9 @@ def reset_peak() -> bool:
 
 
 def config(model: dict, seq: int, micro: int, checkpointing: str) -> TrainConfig:
-    cfg = build(TrainConfig, {"model": {**model, "vocab_size": VOCAB, "activation_checkpointing": checkpointing},
+    # attention as the CPU trains it (a dense mask), so that the plan models what is measured
+    cfg = build(TrainConfig, {"model": {**model, "vocab_size": VOCAB, "activation_checkpointing": checkpointing,
+                                        "attention": "sdpa"},
                               "data": {"seq_len": seq, "global_batch_size": micro, "micro_batch_size": micro,
                                        "sources": {"bench": {"path": "-"}}},
                               "parallel": {"zero_stage": 1}, "schedule": {"steps": 100, "warmup_steps": 0}})

@@ -18,6 +18,7 @@ def cmd_train(args) -> int:
     if not inside_torchrun():
         cfg = load_config(args.config, args.overrides, launching=True)  # fails before any process starts
         check_sources(cfg)
+        use_device_plan(cfg)
         return reexec_under_torchrun(args, ["train", args.config, *args.overrides], cfg.parallel.nproc_per_node,
                                      cfg.out_dir, always=True)
     from analysis.samples import BackgroundSampler
@@ -29,6 +30,14 @@ def cmd_train(args) -> int:
     sampler = BackgroundSampler(cfg, rank == 0, loom_command(), log=print)
     train(cfg, [*FaultInjection.from_env(), sampler])
     exit_now(0)
+
+
+def use_device_plan(cfg) -> None:
+    """Decide device, backend and DeepSpeed accelerator before any worker starts (refusing contradictions), and
+    hand the accelerator to the workers: DeepSpeed fixes it when first imported there."""
+    from common.distributed import plan_device
+
+    os.environ["DS_ACCELERATOR"] = plan_device(cfg.parallel.backend).accelerator
 
 
 def loom_command() -> list[str]:
@@ -72,6 +81,8 @@ def cmd_launch(args) -> int:
             print(shell_line(cmd) if hosts else shell_line(cmd, passed_env()))
         return 0
     check_sources(cfg)
+    if not hosts:
+        use_device_plan(cfg)  # over ssh, each host's own `loom launch` decides for its host
     return run_all(commands, cfg.out_dir)
 
 

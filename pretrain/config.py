@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import ConfigError, build, doc, load_tree
+from .attention import ATTENTION_KERNELS
 
 
 @dataclass
@@ -23,6 +24,10 @@ class ModelConfig:
     init_std: float = doc("Standard deviation of the normal weight initialisation.", 0.02)
     compile: bool = doc("torch.compile each block (fuses norms, RoPE and SwiGLU; the first step pays the "
                         "compilation).", False)
+    attention: str = doc("Attention kernel over packed documents: 'flex' (FlexAttention with a block mask from "
+                         "the doc ids: skips masked blocks, memory linear in seq_len; trains on CUDA only in torch "
+                         "2.13), 'sdpa' (a dense seq_len^2 boolean mask) or 'auto' (flex on CUDA, sdpa on the CPU). "
+                         "Rows of one document take SDPA's causal path with any of them.", "auto")
     activation_checkpointing: str = doc("Recompute activations in the backward pass: 'none', 'full' (every "
                                         "block) or 'attention' (only the attention sublayer).", "none")
     qk_norm: bool | None = doc("LayerNorm with bias over head_dim on queries and keys, per head "
@@ -231,6 +236,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     if m.activation_checkpointing not in ("none", "full", "attention"):
         raise ConfigError(f"model.activation_checkpointing must be 'none', 'full' or 'attention', got "
                           f"'{m.activation_checkpointing}'")
+    if m.attention not in ATTENTION_KERNELS:
+        raise ConfigError(f"model.attention must be one of {', '.join(ATTENTION_KERNELS)}, got '{m.attention}'")
     if p.backend not in ("auto", "nccl", "gloo"):
         raise ConfigError(f"parallel.backend must be 'auto', 'nccl' or 'gloo', got '{p.backend}'")
     if s.warmup_steps < 0 or s.warmup_steps > s.steps:

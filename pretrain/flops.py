@@ -27,20 +27,36 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.dim * seq_len
 
 
-def measure_peak_tflops(dim: int, dtype: torch.dtype, device: torch.device, seconds: float = 0.5) -> float:
-    """TFLOP/s of a (4096 x dim) @ (dim x 4 dim) GEMM, the MLP's shape, on this process's device."""
-    a = torch.randn(4096, dim, dtype=dtype, device=device)
-    b = torch.randn(dim, 4 * dim, dtype=dtype, device=device)
-    a @ b  # warm-up
+def gemm_shapes(dim: int, device: torch.device) -> list[tuple[int, int, int]]:
+    """(m, k, n) of the products the peak is measured on: the model's MLP projections and large squares."""
+    square = 8192 if device.type == "cuda" else 2048
+    return [(4096, dim, 4 * dim), (4096, 4 * dim, dim), (square // 2,) * 3, (square,) * 3]
+
+
+def measure_peak_tflops(dim: int, dtype: torch.dtype, device: torch.device, seconds: float = 1.0) -> float:
+    """The device's attainable matmul TFLOP/s: the best single product over several warmed-up GEMMs
+    (`gemm_shapes`), with the threads this process trains with. A ceiling, not an average: the training step's
+    own products cannot beat it, so an MFU against it above 100% means the accounting is broken."""
+    best = 0.0
+    for m, k, n in gemm_shapes(dim, device):
+        a = torch.randn(m, k, dtype=dtype, device=device)
+        b = torch.randn(k, n, dtype=dtype, device=device)
+        for _ in range(2):  # warm-up: the thread pool, the kernel choice, the clocks
+            a @ b
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds / 4:
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                a @ b
+            _sync(device)
+            best = max(best, 3 * 2.0 * m * k * n / (time.perf_counter() - t0) / 1e12)
+    return best
+
+
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        runs += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2.0 * 4096 * dim * 4 * dim * runs / (time.perf_counter() - start) / 1e12
+        torch.cuda.synchronize(device)
 
 
 def peak_memory_gib(device: torch.device) -> float:

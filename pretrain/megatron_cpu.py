@@ -1,9 +1,10 @@
 """Let megatron-core's sequence-parallel communication run on the CPU (tests, CI).
 
 megatron-core allocates the buffers of its sequence-parallel all-gather and reduce-scatter with
-`device=torch.cuda.current_device()`, which fails on a CPU-only torch. On such a machine, Loom
-gives the modules that do so a view of `torch` whose `cuda.current_device()` is the CPU. Nothing
-changes when CUDA is available: the shim is not applied there.
+`device=torch.cuda.current_device()`, which fails on a CPU-only torch and puts the buffers on a GPU
+where a GPU host trains on the CPU (parallel.backend=gloo). A process that trains on the CPU gives the
+modules that do so a view of `torch` whose `cuda.current_device()` is the CPU; one that trains on CUDA
+does not apply the shim.
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ class _TorchOnCPU:
 
 
 def apply() -> None:
-    if torch.cuda.is_available():
-        return
     import megatron.core.tensor_parallel.layers as layers
     import megatron.core.tensor_parallel.mappings as mappings
     import megatron.core.utils as utils

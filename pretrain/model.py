@@ -25,6 +25,7 @@ from megatron.core import tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
+from .attention import attend, document_mask, kernel_for
 from .config import ModelConfig
 
 
@@ -96,18 +97,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
 
-def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor | None:
-    """doc_ids (b, s) -> bool (b, 1, s, s): query i sees key j iff same document and j <= i.
-
-    None when every row holds a single document: plain causal attention, SDPA's fastest path.
-    """
-    if not bool((doc_ids != doc_ids[:, :1]).any()):
-        return None
-    s = doc_ids.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
-    return (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None] & causal
-
-
 class KVCache:
     """Keys and values of the tokens seen so far, for incremental decoding (pretrain/generate.py).
 
@@ -124,15 +113,12 @@ class KVCache:
         self.doc_ids = torch.zeros(batch, max_len, dtype=torch.long, device=device)
         self.start = self.length = 0
 
-    def extend(self, doc_ids: torch.Tensor) -> torch.Tensor:
-        """Append s tokens (doc_ids (b, s)); returns their mask (b, 1, s, length) over all cached keys."""
+    def extend(self, doc_ids: torch.Tensor, kernel: str):
+        """Append s tokens (doc_ids (b, s)); returns their mask over all cached keys (pretrain/attention.py)."""
         s = doc_ids.shape[1]
         self.start, self.length = self.length, self.length + s
         self.doc_ids[:, self.start:self.length] = doc_ids
-        query_pos = torch.arange(self.start, self.length, device=doc_ids.device)
-        causal = query_pos[:, None] >= torch.arange(self.length, device=doc_ids.device)[None, :]  # (s, length)
-        same_doc = doc_ids[:, :, None] == self.doc_ids[:, None, :self.length]                     # (b, s, length)
-        return (same_doc & causal)[:, None]
+        return document_mask(self.doc_ids[:, :self.length], kernel, first_query=self.start)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new tokens' k, v (b, g, s, hd) of `layer`; returns all of them (b, g, length, hd)."""
@@ -158,7 +144,7 @@ class Attention(nn.Module):
             if cfg.qk_norm else None
         self.k_norm = HeadLayerNorm(self.local_kv, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask,
                 cache: tuple[KVCache, int] | None = None) -> torch.Tensor:
         qkv, _ = self.qkv(x)                   # (s, b, g*(q_per_kv+2)*hd); gathers the sequence under SP
         s, b = qkv.shape[:2]
@@ -171,8 +157,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:                                             # keys/values (b, g, cached s, hd)
             k, v = cache[0].update(cache[1], k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=True)                # (b, h, s, hd)
+        y = attend(q, k, v, mask)                                          # (b, h, s, hd)
         y = y.permute(2, 0, 1, 3).reshape(s, b, -1)                        # (s, b, h*hd)
         out, _ = self.out(y)                   # (s, b, d) summed over TP; (s/tp, b, d) scattered under SP
         return out
@@ -277,9 +262,9 @@ class Head(nn.Module):
 
 
 def attention_inputs(positions: torch.Tensor, doc_ids: torch.Tensor, cfg: ModelConfig):
-    """RoPE tables and the document-causal mask of a batch (b, s)."""
+    """RoPE tables and the document-causal mask of a batch (b, s), for the kernel cfg.attention means here."""
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-    return cos, sin, document_causal_mask(doc_ids)
+    return cos, sin, document_mask(doc_ids, kernel_for(cfg.attention, doc_ids.device))
 
 
 class Transformer(nn.Module):
@@ -301,7 +286,7 @@ class Transformer(nn.Module):
             cos, sin, mask = attention_inputs(positions, doc_ids, self.cfg)
         else:
             cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
-            mask = cache.extend(doc_ids)
+            mask = cache.extend(doc_ids, kernel_for(self.cfg.attention, doc_ids.device))
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, None if cache is None else (cache, i))
         return self.head(x if cache is None else x[-1:])

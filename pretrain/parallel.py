@@ -16,15 +16,18 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
+from common.config import ConfigError
 from common.distributed import init_process_group
 from . import accelerator  # noqa: F401  (before DeepSpeed)
 from .config import TrainConfig
 
 import deepspeed  # noqa: E402
+from deepspeed.accelerator import get_accelerator  # noqa: E402
 from megatron.core import parallel_state, tensor_parallel  # noqa: E402
 from megatron.core.model_parallel_config import ModelParallelConfig  # noqa: E402
 
 from . import megatron_cpu  # noqa: E402
+from .attention import flex_trains_on, kernel_for  # noqa: E402
 from .model import Block, RMSNorm, TensorParallel, Transformer  # noqa: E402
 from .pipeline import pipeline_module  # noqa: E402
 
@@ -47,6 +50,7 @@ def init_distributed(cfg: TrainConfig) -> Layout:
     """torch.distributed from torchrun's environment, then megatron's TP/PP/DP groups."""
     # the group's timeout is longer than the watchdog's step timeout (pretrain/resilience.py), whose message says more
     process = init_process_group(cfg.parallel.backend, timeout_s=cfg.faults.step_timeout_s + 60)
+    check_device(cfg, process.device)
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
     if process.device.type == "cpu":
         megatron_cpu.apply()
@@ -54,6 +58,19 @@ def init_distributed(cfg: TrainConfig) -> Layout:
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp)
     return Layout(process.rank, process.world_size, process.local_rank, p.tp, p.pp,
                   process.world_size // (p.tp * p.pp), parallel_state.get_data_parallel_rank(), process.device)
+
+
+def check_device(cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse a DeepSpeed accelerator other than the training device (DeepSpeed picked it when first imported,
+    from DS_ACCELERATOR or the host) and an attention kernel that cannot train there."""
+    ds_device = get_accelerator().device_name()
+    if ds_device != device.type:
+        raise ConfigError(f"DeepSpeed's accelerator is '{ds_device}' but this process trains on {device.type} "
+                          f"(parallel.backend={cfg.parallel.backend}): set DS_ACCELERATOR={device.type} before "
+                          f"starting, or change parallel.backend")
+    if kernel_for(cfg.model.attention, device) == "flex" and not flex_trains_on(device.type):
+        raise ConfigError(f"model.attention=flex: FlexAttention in torch {torch.__version__} has no backward on "
+                          f"{device.type}; use model.attention=auto or sdpa there")
 
 
 def single_process_groups() -> None:

@@ -1,9 +1,9 @@
 """The DeepSpeed pipeline adapter (PP > 1): the model's layers as a `PipelineModule` of LayerSpecs.
 
 Between stages the activation is the tuple (hidden (s, b, d), positions (b, s), doc_ids (b, s));
-each block rebuilds its RoPE tables and document-causal mask from the last two, so a stage needs
-no state from another. Layer i is built from seed (seed, i) as in `Transformer`, so a pipeline
-starts from the same weights as one process.
+a stage builds its RoPE tables and document-causal mask from the last two, once per micro-batch
+(its blocks receive the same tensors), so a stage needs no state from another. Layer i is built
+from seed (seed, i) as in `Transformer`, so a pipeline starts from the same weights as one process.
 """
 
 from __future__ import annotations
@@ -21,14 +21,28 @@ class EmbeddingPipe(Embedding):
         return super().forward(tokens), positions, doc_ids
 
 
+class StageAttentionInputs:
+    """`attention_inputs` of the micro-batch this stage runs, built by its first block and reused by the others
+    (and by recomputation): a block mask costs O(s + (s/128)^2) per build. Keyed by the tensors' identity; holding
+    them keeps the identity from being reused."""
+
+    def __init__(self, cfg):
+        self.cfg, self.key, self.value = cfg, None, None
+
+    def __call__(self, positions, doc_ids):
+        if self.key is None or self.key[0] is not positions or self.key[1] is not doc_ids:
+            self.key, self.value = (positions, doc_ids), attention_inputs(positions, doc_ids, self.cfg)
+        return self.value
+
+
 class BlockPipe(Block):
-    def __init__(self, cfg, tp, seed, layer):
+    def __init__(self, cfg, tp, seed, layer, stage_inputs: StageAttentionInputs):
         super().__init__(cfg, tp, seed, layer)
-        self.cfg = cfg
+        self.stage_inputs = stage_inputs
 
     def forward(self, inputs):
         x, positions, doc_ids = inputs
-        return super().forward(x, *attention_inputs(positions, doc_ids, self.cfg)), positions, doc_ids
+        return super().forward(x, *self.stage_inputs(positions, doc_ids)), positions, doc_ids
 
 
 class HeadPipe(Head):
@@ -38,8 +52,9 @@ class HeadPipe(Head):
 
 def pipeline_module(cfg: TrainConfig, tp, loss_fn, dp: int) -> PipelineModule:
     m = cfg.model
+    stage_inputs = StageAttentionInputs(m)
     layers = [LayerSpec(EmbeddingPipe, m, tp, cfg.seed),
-              *(LayerSpec(BlockPipe, m, tp, cfg.seed, i + 1) for i in range(m.n_layers)),
+              *(LayerSpec(BlockPipe, m, tp, cfg.seed, i + 1, stage_inputs) for i in range(m.n_layers)),
               LayerSpec(HeadPipe, m, tp, cfg.seed)]
     # DeepSpeed's topology with axes (pipe, data, model) orders ranks as megatron's tp-dp-pp
     topology = PipeModelDataParallelTopology(num_pp=cfg.parallel.pp, num_mp=cfg.parallel.tp, num_dp=dp)

@@ -28,10 +28,18 @@ LAYOUTS = {
     "tp2-dp2-full-recompute": ["parallel.tp=2", "model.activation_checkpointing=full"],
     "tp2-dp2-attention-recompute": ["parallel.tp=2", "model.activation_checkpointing=attention"],
     "tp2-dp2-compiled-blocks": ["parallel.tp=2", "model.compile=true"],
+    # FlexAttention's block mask under TP x PP, and under SP with recomputation (its reference implementation:
+    # the CPU has no flex backward, see tests/mutations/sitecustomize.py); the reference runs use the dense mask
+    "tp2-pp2-zero1-flex": ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1", "model.attention=flex"],
+    "tp4-sequence-parallel-flex-recompute": ["parallel.tp=4", "parallel.sequence_parallel=true",
+                                             "model.attention=flex", "model.activation_checkpointing=full"],
 }
+FLEX_ON_CPU = {"PYTHONPATH": str(REPO / "tests" / "mutations"), "LOOM_TEST_FLEX_ON_CPU": "1"}
 
 
 def train(world, out, nproc, *overrides, env=None):
+    if "model.attention=flex" in overrides:
+        env = {**FLEX_ON_CPU, **(env or {})}
     result = run_loom("train", REPO / "configs" / "tiny.yaml", f"out_dir={out}",
                       f"data.sources.shapes.path={world / 'tokens'}", f"parallel.nproc_per_node={nproc}",
                       f"schedule.steps={STEPS}", "schedule.warmup_steps=2", "checkpoint.interval=0",

@@ -2,9 +2,30 @@
 
 Active only with PYTHONPATH=tests/mutations and LOOM_TEST_MUTATION set to one of MUTATIONS; they show
 that a layout bug moves the loss by far more than the rounding tolerance (tests/rounding.py).
+
+LOOM_TEST_FLEX_ON_CPU=1 is no bug: it lets the CPU train through FlexAttention's reference implementation
+(see flex_backward_on_cpu), so that CPU tests check flex's masks under every layout.
 """
 
 import os
+
+
+def flex_backward_on_cpu() -> None:
+    """torch 2.13 refuses FlexAttention inputs that need a gradient on the CPU, although its eager path (the
+    reference implementation: dense scores under the block mask, differentiated by autograd) computes them
+    exactly; lift that refusal. CPU tests only: it costs s^2 memory, which is why Loom does not train so."""
+    from torch.nn.attention import flex_attention
+
+    validate = flex_attention._validate_device
+
+    def allow_cpu_backward(query, key, value):
+        if query.device.type != "cpu":
+            validate(query, key, value)
+    flex_attention._validate_device = allow_cpu_backward
+
+
+if os.environ.get("LOOM_TEST_FLEX_ON_CPU") == "1":
+    flex_backward_on_cpu()
 
 MUTATIONS = ("missing-tp-all-reduce", "wrong-tp-slice", "dropped-micro-batch")
 MUTATION = os.environ.get("LOOM_TEST_MUTATION")
