@@ -114,11 +114,15 @@ class KVCache:
         self.start = self.length = 0
 
     def extend(self, doc_ids: torch.Tensor, kernel: str):
-        """Append s tokens (doc_ids (b, s)); returns their mask over all cached keys (pretrain/attention.py)."""
+        """Append s tokens (doc_ids (b, s)); returns their mask over all cached keys (pretrain/attention.py).
+
+        The prefill takes `kernel`; later steps take a dense (b, 1, s, length) mask, linear in the length: the
+        compiled flex kernel is specialised to its shapes and would recompile at every new length."""
         s = doc_ids.shape[1]
         self.start, self.length = self.length, self.length + s
         self.doc_ids[:, self.start:self.length] = doc_ids
-        return document_mask(self.doc_ids[:, :self.length], kernel, first_query=self.start)
+        return document_mask(self.doc_ids[:, :self.length], kernel if self.start == 0 else "sdpa",
+                             first_query=self.start)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new tokens' k, v (b, g, s, hd) of `layer`; returns all of them (b, g, length, hd)."""

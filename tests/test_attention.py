@@ -75,8 +75,9 @@ def test_flex_equals_the_dense_mask_in_loss_and_gradients(groups, flex_on_cpu):
 
 
 def test_flex_with_the_kv_cache_equals_a_dense_full_pass(groups):
-    """Left-padded prompts (padding is a document of its own), a prefill and 5 cached steps through flex (forward
-    only: the CPU can run it without a gradient) against one dense pass over everything."""
+    """Left-padded prompts (padding is a document of its own), a prefill through flex (forward only: the CPU can
+    run it without a gradient) and 5 cached steps against one dense pass over everything. The block mask of
+    cached keys (queries after first_query) is checked against torch's above."""
     from pretrain.model import KVCache
 
     sdpa, flex = build("sdpa").eval(), build("flex").eval()
