@@ -7,16 +7,18 @@ Memory is estimated per GPU for every pipeline stage, and the most loaded stage 
   weights in the training precision (w = 2 in bf16, 4 in fp32), their gradients (w; divided by DP under
   ZeRO-2/3), and per data-parallel rank 1/DP of: fp32 master weights (4), Adam's two moments (8) and the
   fp32 gradient partition of the step (4); ZeRO-3 also divides the weights by DP. Plus DeepSpeed's
-  gradient buckets: min(P, 5e8 elements) in the gradient precision.
-- activations saved for the backward pass, per block and micro-batch of t = seq_len x micro_batch tokens
+  gradient buckets: min(P, 5e8 elements) in the gradient precision. Under context parallelism DP here
+  is data x context ranks: ZeRO partitions over both.
+- activations saved for the backward pass, per block and micro-batch of t = seq_len x micro_batch / CP tokens
   (e = 2 or 4 bytes per element; h, g query and kv heads, hd head_dim, f ffn_dim, TP splits the heads):
     two RMSNorms: fp32 input, normalised and scaled outputs          2 (4 + 2e) t d
     attention: fused qkv, rotated q and k, SDPA output, its copy     e t hd (4h + 3g) / TP
       and the kernel's logsumexp per query head                      4 t h / TP
       with a dense mask (model.attention=sdpa on packed rows): SDPA
-      saves it as a float (mb, 1, s, s) tensor in every block        e mb s^2
-      (and the boolean mask, once per micro-batch: mb s^2); flex and one-document rows have no s^2 term.
+      saves it as a float (mb, 1, s/CP, s) tensor in every block     e t s
+      (and the boolean mask, once per micro-batch: t s); flex and one-document rows have no s^2 term.
       A plan is for GPUs, where model.attention=auto means flex.
+      under CP, the keys and values gathered from the whole row     2 e mb s g hd / TP
     qk-norm (chameleon): its inputs and outputs                      4 e t hd (h + g) / TP
     SwiGLU: gate, up, silu(gate), their product                      4 e t f / TP
   with activation checkpointing 'full' only each block's input is kept (e t d) and one block is recomputed
@@ -82,12 +84,14 @@ def block_activations(cfg: TrainConfig, micro_batch: int, mode: str) -> tuple[fl
     """(bytes one block keeps for the backward pass, bytes it holds while it is recomputed) per micro-batch."""
     m, p = cfg.model, cfg.parallel
     e = 2 if p.bf16 else 4
-    t = cfg.data.seq_len * micro_batch
+    t = cfg.data.seq_len * micro_batch // p.cp  # this rank's tokens: its part of each row under CP
     sp = p.tp if p.sequence_parallel else 1
     norms = 2 * (4 + 2 * e) * t * m.dim / sp
     attention = e * t * m.head_dim * (4 * m.n_heads + 3 * m.n_kv_heads) / p.tp + 4 * t * m.n_heads / p.tp
     if dense_mask(cfg):
-        attention += e * micro_batch * cfg.data.seq_len ** 2
+        attention += e * t * cfg.data.seq_len
+    if p.cp > 1:  # the keys and values of the whole row, gathered from the CP group
+        attention += 2 * e * micro_batch * cfg.data.seq_len * m.n_kv_heads * m.head_dim / p.tp
     if m.qk_norm:
         attention += 4 * e * t * m.head_dim * (m.n_heads + m.n_kv_heads) / p.tp
     mlp = 4 * e * t * m.ffn_dim / p.tp
@@ -112,17 +116,18 @@ def stage_memory(cfg: TrainConfig, dp: int, stage: int, micro_batch: int, reserv
         params += m.padded_vocab_size * m.dim // p.tp + m.dim
     w = 2 if p.bf16 else 4
     zero = p.zero_stage
-    weights = params * w / (dp if zero == 3 else 1)
-    gradients = params * w / (dp if zero >= 2 else 1) + min(params, BUCKET_ELEMENTS) * w
-    optimizer = params * (4 + 8 + 4) / dp
+    shards = dp * p.cp  # ZeRO partitions over data- and context-parallel ranks alike
+    weights = params * w / (shards if zero == 3 else 1)
+    gradients = params * w / (shards if zero >= 2 else 1) + min(params, BUCKET_ELEMENTS) * w
+    optimizer = params * (4 + 8 + 4) / shards
     grad_accum = cfg.data.global_batch_size // (dp * micro_batch) or 1
     in_flight = min(p.pp - stage, grad_accum) if p.pp > 1 else 1
     kept, recomputed = block_activations(cfg, micro_batch, m.activation_checkpointing)
     activations = in_flight * blocks * kept + (recomputed if blocks else 0)
     if dense_mask(cfg) and blocks:
-        activations += in_flight * micro_batch * cfg.data.seq_len ** 2  # the boolean mask the blocks share
+        activations += in_flight * micro_batch * cfg.data.seq_len ** 2 // p.cp  # the boolean mask blocks share
     e = 2 if p.bf16 else 4
-    t = cfg.data.seq_len * micro_batch
+    t = cfg.data.seq_len * micro_batch // p.cp
     logits = t * m.padded_vocab_size / p.tp * (e + 12) if stage == p.pp - 1 else 0.0
     return StageMemory(stage, blocks, params, weights, gradients, optimizer, activations, logits, reserve_gib * GIB)
 
@@ -150,7 +155,7 @@ def plan(cfg: TrainConfig, gpus: int, gpu_memory_gib: float, peak_tflops: float,
                           "model.vocab_size=184622 for Emu3's vocabulary, or give data.sources with a manifest")
     validate(cfg, gpus)
     m, p, d = cfg.model, cfg.parallel, cfg.data
-    dp = gpus // (p.tp * p.pp)
+    dp = gpus // (p.tp * p.cp * p.pp)
     counts = param_counts(m)
     per_token = flops_per_token(m, d.seq_len)
     peak = peak_stage(cfg, dp, d.micro_batch_size, reserve_gib)
@@ -159,7 +164,8 @@ def plan(cfg: TrainConfig, gpus: int, gpu_memory_gib: float, peak_tflops: float,
     tokens_per_s = gpus * peak_tflops * 1e12 * mfu / per_token
     step_tokens = d.global_batch_size * d.seq_len
     return {
-        "layout": {"gpus": gpus, "tp": p.tp, "pp": p.pp, "dp": dp, "zero_stage": p.zero_stage, "bf16": p.bf16,
+        "layout": {"gpus": gpus, "tp": p.tp, "cp": p.cp, "pp": p.pp, "dp": dp, "zero_stage": p.zero_stage,
+                   "bf16": p.bf16,
                    "sequence_parallel": p.sequence_parallel, "activation_checkpointing": m.activation_checkpointing,
                    "micro_batch_size": d.micro_batch_size,
                    "gradient_accumulation": d.global_batch_size // (dp * d.micro_batch_size),
@@ -184,9 +190,11 @@ def plan(cfg: TrainConfig, gpus: int, gpu_memory_gib: float, peak_tflops: float,
 
 def format_plan(report: dict) -> str:
     lay, mem, thr, tr, par = (report[k] for k in ("layout", "memory_gib", "throughput", "training", "parameters"))
+    cp = f"CP {lay['cp']} x " if lay["cp"] > 1 else ""
     voc = report["vocabulary"]
     rows = [
-        ("layout", f"{lay['gpus']} GPUs = TP {lay['tp']} x PP {lay['pp']} x DP {lay['dp']}, ZeRO-{lay['zero_stage']}, "
+        ("layout", f"{lay['gpus']} GPUs = TP {lay['tp']} x {cp}PP {lay['pp']} x DP {lay['dp']}, "
+                   f"ZeRO-{lay['zero_stage']}, "
                    f"{'bf16' if lay['bf16'] else 'fp32'}{', sequence parallel' if lay['sequence_parallel'] else ''}, "
                    f"activation checkpointing {lay['activation_checkpointing']}"),
         ("batch", f"{lay['global_batch_size']} x {lay['seq_len']} = {lay['tokens_per_step']:,} tokens per step; "

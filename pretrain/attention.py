@@ -52,13 +52,14 @@ def single_document_rows(doc_ids: torch.Tensor) -> bool:
     return not bool((doc_ids != doc_ids[:, :1]).any())
 
 
-def dense_document_mask(doc_ids: torch.Tensor, first_query: int = 0) -> torch.Tensor:
-    """doc_ids (b, L) -> bool (b, 1, L - first_query, L): query i (position first_query + i) sees key j iff same
-    document and j <= first_query + i."""
+def dense_document_mask(doc_ids: torch.Tensor, first_query: int = 0, queries: int | None = None) -> torch.Tensor:
+    """doc_ids (b, L) -> bool (b, 1, s, L) for the s queries at positions first_query.. (default: to the end): query
+    i (position first_query + i) sees key j iff same document and j <= first_query + i."""
     length = doc_ids.shape[1]
-    query_pos = torch.arange(first_query, length, device=doc_ids.device)
+    end = length if queries is None else first_query + queries
+    query_pos = torch.arange(first_query, end, device=doc_ids.device)
     causal = query_pos[:, None] >= torch.arange(length, device=doc_ids.device)[None, :]     # (s, L)
-    same_doc = doc_ids[:, first_query:, None] == doc_ids[:, None, :]                       # (b, s, L)
+    same_doc = doc_ids[:, first_query:end, None] == doc_ids[:, None, :]                    # (b, s, L)
     return (same_doc & causal)[:, None]
 
 
@@ -75,15 +76,17 @@ def _kv_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts, indices
 
 
-def document_block_mask(doc_ids: torch.Tensor, first_query: int = 0) -> BlockMask:
-    """doc_ids (b, L) -> the BlockMask of `dense_document_mask(doc_ids, first_query)`, built from per-block summaries.
+def document_block_mask(doc_ids: torch.Tensor, first_query: int = 0, queries: int | None = None) -> BlockMask:
+    """doc_ids (b, L) -> the BlockMask of `dense_document_mask(doc_ids, first_query, queries)`, built from per-block
+    summaries.
 
     Work and memory: O(b L + b (L/128)^2). A block pair is computed when a document appears in both blocks and
     some key precedes some query; it runs without mask_mod ("full") when both blocks lie inside one document and
     every key precedes every query.
     """
     runs = document_runs(doc_ids)                                       # (b, L), non-decreasing
-    length, queries = doc_ids.shape[1], doc_ids.shape[1] - first_query
+    length = doc_ids.shape[1]
+    queries = length - first_query if queries is None else queries
     q_lo, q_hi = _block_spans(queries, first_query, doc_ids.device)     # (nq,) absolute positions
     k_lo, k_hi = _block_spans(length, 0, doc_ids.device)                # (nk,)
     q_first, q_last = runs[:, q_lo][:, :, None], runs[:, q_hi][:, :, None]   # (b, nq, 1)
@@ -103,14 +106,16 @@ def document_block_mask(doc_ids: torch.Tensor, first_query: int = 0) -> BlockMas
                                     mask_mod=same_document_causal, seq_lengths=(queries, length))
 
 
-def document_mask(doc_ids: torch.Tensor, kernel: str, first_query: int = 0):
-    """The mask `attend` takes for queries at positions first_query.. of rows `doc_ids` (b, L): None (causal,
-    one document per row and no cached keys), a BlockMask (flex) or a dense bool tensor (sdpa)."""
-    if first_query == 0 and single_document_rows(doc_ids):
+def document_mask(doc_ids: torch.Tensor, kernel: str, first_query: int = 0, queries: int | None = None):
+    """The mask `attend` takes for the queries at positions first_query.. (all to the end, or `queries` of them:
+    a context-parallel rank's part of the row) over all keys of rows `doc_ids` (b, L): None (causal: one document
+    per row, every query), a BlockMask (flex) or a dense bool tensor (sdpa)."""
+    every_query = first_query == 0 and queries in (None, doc_ids.shape[1])
+    if every_query and single_document_rows(doc_ids):
         return None
     if kernel == "flex":
-        return document_block_mask(doc_ids, first_query)
-    return dense_document_mask(doc_ids, first_query)
+        return document_block_mask(doc_ids, first_query, queries)
+    return dense_document_mask(doc_ids, first_query, queries)
 
 
 @functools.cache

@@ -46,8 +46,10 @@ ARCHITECTURE = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_si
 
 def layout_record(cfg: TrainConfig, world_size: int) -> dict:
     p = cfg.parallel
-    return {"tp": p.tp, "pp": p.pp, "dp": world_size // (p.tp * p.pp), "zero_stage": p.zero_stage,
-            "bf16": p.bf16, "world_size": world_size}
+    # dp: DeepSpeed's data-parallel size, over which ZeRO partitions: data x context ranks
+    record = {"tp": p.tp, "pp": p.pp, "dp": world_size // (p.tp * p.pp), "zero_stage": p.zero_stage,
+              "bf16": p.bf16, "world_size": world_size}
+    return record | ({"cp": p.cp} if p.cp > 1 else {})  # checkpoints from before CP resume in their layout as saved
 
 
 def estimated_bytes(cfg: TrainConfig) -> int:

@@ -81,6 +81,10 @@ class DataConfig:
 class ParallelConfig:
     tp: int = doc("Tensor-parallel size (megatron-core layers).", 1)
     pp: int = doc("Pipeline-parallel size.", 1)
+    cp: int = doc("Context-parallel size: each row is split along the sequence over this many processes, each "
+                  "computing the queries of its part against the keys and values of the whole row (all-gathered; "
+                  "exact with document masks). Ranks are ordered tp-cp-dp-pp, as megatron-core does; data-parallel "
+                  "size = processes / (tp x cp x pp). Not with pp > 1.", 1)
     zero_stage: int = doc("DeepSpeed ZeRO stage, 1 to 3 (1 with pp > 1). Stage 1 with one data-parallel rank is "
                               "plain data parallelism; stage 0 is not offered, its checkpoints do not reshard.", 1)
     sequence_parallel: bool = doc("Megatron sequence parallelism: norms and the residual stream split along "
@@ -230,9 +234,13 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it splits the sequence across "
                           "the tensor-parallel group)")
-    if p.sequence_parallel and d.seq_len % p.tp:
-        raise ConfigError(f"data.seq_len ({d.seq_len}) must be divisible by parallel.tp ({p.tp}) with "
-                          f"sequence parallelism")
+    if p.cp < 1 or d.seq_len % p.cp:
+        raise ConfigError(f"parallel.cp ({p.cp}) must be >= 1 and divide data.seq_len ({d.seq_len})")
+    if p.cp > 1 and p.pp > 1:
+        raise ConfigError("parallel.cp > 1 with parallel.pp > 1 is not built: use one of them")
+    if p.sequence_parallel and (d.seq_len // p.cp) % p.tp:
+        raise ConfigError(f"data.seq_len / parallel.cp ({d.seq_len // p.cp}) must be divisible by parallel.tp "
+                          f"({p.tp}) with sequence parallelism")
     if m.activation_checkpointing not in ("none", "full", "attention"):
         raise ConfigError(f"model.activation_checkpointing must be 'none', 'full' or 'attention', got "
                           f"'{m.activation_checkpointing}'")
@@ -270,10 +278,10 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     if cfg.eval.sources and cfg.eval.sequences < 1:
         raise ConfigError(f"eval.sequences must be >= 1 when eval.sources is set, got {cfg.eval.sequences}")
     if world_size is not None:
-        if world_size % (p.tp * p.pp):
-            raise ConfigError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp "
-                              f"= {p.tp} x {p.pp}; change the number of processes or the layout")
-        dp = world_size // (p.tp * p.pp)
+        if world_size % (p.tp * p.cp * p.pp):
+            raise ConfigError(f"world size {world_size} is not divisible by parallel.tp x parallel.cp x parallel.pp "
+                              f"= {p.tp} x {p.cp} x {p.pp}; change the number of processes or the layout")
+        dp = world_size // (p.tp * p.cp * p.pp)
         for name, rows in (("data.global_batch_size", d.global_batch_size), ("eval.sequences", cfg.eval.sequences)):
             if (name == "data.global_batch_size" or cfg.eval.sources) and rows % (dp * d.micro_batch_size):
                 raise ConfigError(f"{name} ({rows}) must be divisible by data-parallel size ({dp}) x "

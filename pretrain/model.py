@@ -31,10 +31,12 @@ from .config import ModelConfig
 
 @dataclass(frozen=True)
 class TensorParallel:
-    """What the model is built for: megatron's layer config and the tensor-parallel group."""
+    """What the model is built for: megatron's layer config, the tensor-parallel group, and the context-parallel
+    group over which each row's sequence is split (None: every rank holds whole rows)."""
 
     config: ModelParallelConfig
     group: dist.ProcessGroup
+    context_group: dist.ProcessGroup | None = None
 
     @property
     def size(self) -> int:
@@ -131,9 +133,17 @@ class KVCache:
         return self.keys[layer][:, :, :self.length], self.values[layer][:, :, :self.length]
 
 
+def gather_row(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """(b, g, s/cp, hd) keys or values of this context-parallel rank's part -> (b, g, s, hd) of the whole row; the
+    backward sums the gradients of every rank's queries into each part (a reduce-scatter)."""
+    whole = tensor_parallel.gather_from_sequence_parallel_region(t.permute(2, 0, 1, 3).contiguous(), True, group)
+    return whole.permute(1, 2, 0, 3)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, init, out_init):
         super().__init__()
+        self.context_group = tp.context_group
         self.head_dim, self.q_per_kv = cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
         self.local_kv = cfg.n_kv_heads // tp.size
         # Fused QKV, grouped by kv head: [q of group 0, k_0, v_0, q of group 1, ...], so a
@@ -159,6 +169,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))              # (b, heads, s, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.context_group is not None:                                # keys/values (b, g, s * cp, hd)
+            k, v = gather_row(k, self.context_group), gather_row(v, self.context_group)
         if cache is not None:                                             # keys/values (b, g, cached s, hd)
             k, v = cache[0].update(cache[1], k, v)
         y = attend(q, k, v, mask)                                          # (b, h, s, hd)
@@ -265,16 +277,19 @@ class Head(nn.Module):
         return logits.masked_fill(self.padding, float("-inf")) if self.has_padding else logits
 
 
-def attention_inputs(positions: torch.Tensor, doc_ids: torch.Tensor, cfg: ModelConfig):
-    """RoPE tables and the document-causal mask of a batch (b, s), for the kernel cfg.attention means here."""
+def attention_inputs(positions: torch.Tensor, doc_ids: torch.Tensor, cfg: ModelConfig, first_query: int = 0):
+    """RoPE tables of the queries' positions (b, s) and their document-causal mask over the keys of rows doc_ids
+    (b, L), for the kernel cfg.attention means here. Under context parallelism s < L: the queries are positions
+    first_query .. first_query + s of the row."""
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-    return cos, sin, document_mask(doc_ids, kernel_for(cfg.attention, doc_ids.device))
+    kernel = kernel_for(cfg.attention, doc_ids.device)
+    return cos, sin, document_mask(doc_ids, kernel, first_query, positions.shape[1])
 
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.context_group = cfg, tp.context_group
         self.embed = Embedding(cfg, tp, seed)
         self.blocks = nn.ModuleList(Block(cfg, tp, seed, i + 1) for i in range(cfg.n_layers))
         self.head = Head(cfg, tp, seed)
@@ -283,11 +298,15 @@ class Transformer(nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor:
         """tokens, positions, doc_ids (b, s) -> logits of the local vocabulary shard (s, b, v).
 
+        Under context parallelism tokens and positions are this rank's part of each row (b, s/cp), the part at
+        its rank in the group, and doc_ids the whole rows (b, s).
+
         With a cache, the tokens continue the cached ones and attend to them too, and only the last
         position's logits are computed (1, b, v): a long prompt's would not fit with a large vocabulary."""
         x = self.embed(tokens)
         if cache is None:
-            cos, sin, mask = attention_inputs(positions, doc_ids, self.cfg)
+            first = 0 if self.context_group is None else dist.get_rank(self.context_group) * tokens.shape[1]
+            cos, sin, mask = attention_inputs(positions, doc_ids, self.cfg, first)
         else:
             cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
             mask = cache.extend(doc_ids, kernel_for(self.cfg.attention, doc_ids.device))

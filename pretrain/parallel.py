@@ -4,6 +4,9 @@ DESIGN §5: megatron-core owns the process groups (`initialize_model_parallel`, 
 tp-cp-ep-dp-pp) and the tensor-parallel layers; DeepSpeed owns data parallelism, ZeRO, bf16,
 gradient clipping and accumulation, and pipelining (pretrain/pipeline.py). DeepSpeed sees
 megatron's groups through `MegatronMPU`, or through the pipeline topology, which orders ranks alike.
+Context parallelism (CP) splits each row along the sequence: the ranks of a CP group hold the same
+weights and the same rows, each its part of them, so to DeepSpeed they are data-parallel ranks
+(gradients are averaged and ZeRO partitions over data x context, as megatron's distributed optimizer does).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class Layout:
     dp: int
     dp_rank: int
     device: torch.device
+    cp: int = 1
+    cp_rank: int = 0
 
 
 def init_distributed(cfg: TrainConfig) -> Layout:
@@ -55,9 +60,11 @@ def init_distributed(cfg: TrainConfig) -> Layout:
     if process.device.type == "cpu":
         megatron_cpu.apply()
     p = cfg.parallel
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
+                                             context_parallel_size=p.cp)
     return Layout(process.rank, process.world_size, process.local_rank, p.tp, p.pp,
-                  process.world_size // (p.tp * p.pp), parallel_state.get_data_parallel_rank(), process.device)
+                  process.world_size // (p.tp * p.cp * p.pp), parallel_state.get_data_parallel_rank(), process.device,
+                  p.cp, parallel_state.get_context_parallel_rank())
 
 
 def check_device(cfg: TrainConfig, device: torch.device) -> None:
@@ -91,10 +98,20 @@ def destroy_distributed() -> None:
 
 
 class MegatronMPU:
-    """megatron's parallel_state under the names DeepSpeed's engine asks for (`mpu=`)."""
+    """megatron's parallel_state under the names DeepSpeed's engine asks for (`mpu=`). Its data-parallel group
+    includes the context-parallel ranks: they average gradients and share ZeRO partitions like data-parallel ones."""
 
     def __getattr__(self, name):
         return getattr(parallel_state, name)
+
+    def get_data_parallel_group(self):
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+    def get_data_parallel_world_size(self) -> int:
+        return parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+
+    def get_data_parallel_rank(self) -> int:
+        return parallel_state.get_data_parallel_rank(with_context_parallel=True)
 
     def get_model_parallel_rank(self) -> int:
         return parallel_state.get_tensor_model_parallel_rank()
@@ -106,7 +123,7 @@ class MegatronMPU:
         return parallel_state.get_tensor_model_parallel_group()
 
     def get_data_parallel_group_ranks(self) -> list[int]:
-        return dist.get_process_group_ranks(parallel_state.get_data_parallel_group())
+        return dist.get_process_group_ranks(self.get_data_parallel_group())
 
 
 def megatron_config(cfg: TrainConfig) -> ModelParallelConfig:
@@ -120,8 +137,10 @@ def megatron_config(cfg: TrainConfig) -> ModelParallelConfig:
 
 
 def tensor_parallel_of(cfg: TrainConfig) -> TensorParallel:
-    """What the model is built for: megatron's layer config and megatron's TP group of this rank."""
-    return TensorParallel(megatron_config(cfg), parallel_state.get_tensor_model_parallel_group())
+    """What the model is built for: megatron's layer config and megatron's TP (and CP) group of this rank."""
+    context = parallel_state.get_context_parallel_group() if parallel_state.get_context_parallel_world_size() > 1 \
+        else None
+    return TensorParallel(megatron_config(cfg), parallel_state.get_tensor_model_parallel_group(), context)
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -144,7 +163,7 @@ def deepspeed_config(cfg: TrainConfig, layout: Layout) -> dict:
     return {
         "train_micro_batch_size_per_gpu": d.micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps(cfg, layout),
-        "train_batch_size": d.global_batch_size,
+        "train_batch_size": d.global_batch_size * layout.cp,  # DeepSpeed counts a CP rank's part of a row as a row
         "gradient_clipping": cfg.optimizer.grad_clip,
         "zero_optimization": {"stage": p.zero_stage},
         "bf16": {"enabled": p.bf16},

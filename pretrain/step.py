@@ -3,7 +3,9 @@
 The loss of a step is the cross-entropy summed over every loss-bearing token of the global batch
 divided by their number, whatever the layout: each micro-batch's sum is divided by the global
 count / (dp x grad_accum), because DeepSpeed averages gradients over data-parallel ranks and
-micro-batches. So one process and any (TP, PP, DP) layout compute the same gradient.
+micro-batches. So one process and any (TP, PP, DP) layout compute the same gradient. Under context
+parallelism each rank of a CP group takes its part of every row (`context_part`), DeepSpeed averages
+over data x context ranks, and the count and the sums are reduced over both.
 """
 
 from __future__ import annotations
@@ -36,12 +38,27 @@ class PipelineLoss:
         return loss
 
 
+def context_part(mb: dict, layout) -> dict:
+    """This context-parallel rank's part of every row of a micro-batch: the cp_rank-th of cp equal parts of the
+    tokens, targets, positions and loss kinds; doc_ids stay whole (the keys of the whole row are attended to)."""
+    if layout.cp == 1:
+        return mb
+    part = mb["tokens"].shape[1] // layout.cp
+    cut = slice(layout.cp_rank * part, (layout.cp_rank + 1) * part)
+    return {k: v if k == "doc_ids" else v[:, cut] for k, v in mb.items()}
+
+
+def data_group():
+    """Ranks holding different tokens of the same weights: data- and context-parallel."""
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
 def global_count(micro: list[dict], device, step: int, hooks: TrainHooks) -> torch.Tensor:
-    """Loss-bearing tokens in the whole global batch (all data-parallel ranks)."""
+    """Loss-bearing tokens in the whole global batch (all data- and context-parallel ranks)."""
     count = torch.tensor(float(sum(int((mb["loss_kind"] > 0).sum()) for mb in micro)), device=device)
     with phase("the data-parallel all-reduce of the batch's loss-token count"):
         hooks.step_started(step, dist.get_rank())
-        dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(count, group=data_group())
     return count.clamp(min=1)
 
 
@@ -50,8 +67,8 @@ def run_step(engine, micro: list[dict], z_loss: float, layout, pipeline_loss: Pi
     """Forward (and backward and update when `train`) of the micro-batches of optimizer step `step`. Returns
     the per-kind [loss sum, count] of the whole global batch (2, kinds), the same on every rank, and whether
     this rank's own loss was not finite (before the all-reduces spread it)."""
-    micro = [{k: v.to(layout.device) for k, v in mb.items()} for mb in micro]
-    normalizer = global_count(micro, layout.device, step, hooks) / (layout.dp * len(micro))
+    micro = [{k: v.to(layout.device) for k, v in context_part(mb, layout).items()} for mb in micro]
+    normalizer = global_count(micro, layout.device, step, hooks) / (layout.dp * layout.cp * len(micro))
     on_loss = (lambda loss, sums: hooks.micro_batch_loss(step, layout.rank, loss, sums)) if train else None
     with phase("forward, backward and optimizer step (tensor-, pipeline- and data-parallel collectives)"):
         sums = forward_backward(engine, micro, z_loss, layout, pipeline_loss, train, normalizer, on_loss)
@@ -59,7 +76,7 @@ def run_step(engine, micro: list[dict], z_loss: float, layout, pipeline_loss: Pi
     with phase("the all-reduce of the loss sums"):
         if pipeline_loss is not None:
             dist.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
-        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(sums, group=data_group())
     return sums, local_bad
 
 

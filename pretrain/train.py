@@ -104,7 +104,7 @@ def train(cfg: TrainConfig, hooks: list[TrainHooks] = ()) -> dict:
             skipped = torch.tensor(float(loader.skipped()), device=layout.device)
             with phase("the all-reduce of the skipped-sample count"):
                 dist.all_reduce(skipped)  # ranks of one data-parallel slice count the same streams
-            record["data_skipped"] = int(skipped) // (layout.tp * layout.pp)
+            record["data_skipped"] = int(skipped) // (layout.tp * layout.cp * layout.pp)
             say(console_line(state.step, cfg.schedule.steps, record))
         metrics.log(state.step, record)
         if last or (cfg.eval.interval and state.step % cfg.eval.interval == 0):

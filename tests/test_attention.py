@@ -24,14 +24,17 @@ def packed_doc_ids(rows: int, length: int, seed: int, max_doc: int = 300) -> tor
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("length,first_query", [(300, 0), (1024, 0), (1000, 37), (700, 650), (257, 256)])
-def test_block_mask_equals_torch_create_block_mask(length, first_query):
+@pytest.mark.parametrize("length,first_query,queries", [(300, 0, None), (1024, 0, None), (1000, 37, None),
+                                                       (700, 650, None), (257, 256, None),
+                                                       (1024, 512, 256), (1000, 250, 250), (1024, 0, 512)])
+def test_block_mask_equals_torch_create_block_mask(length, first_query, queries):
+    """All queries of a row, those after cached keys (first_query), or a context-parallel rank's part (queries)."""
     doc_ids = packed_doc_ids(2, length, seed=length)
     doc_ids[1] = doc_ids[1].flip(0)  # documents need not be numbered in order (generation pads with document 1)
-    ours = document_block_mask(doc_ids, first_query)
+    ours = document_block_mask(doc_ids, first_query, queries)
     runs = document_runs(doc_ids)
     theirs = create_block_mask(lambda b, h, q, kv: (runs[b, q + first_query] == runs[b, kv]) & (q + first_query >= kv),
-                               2, None, length - first_query, length, device="cpu")
+                               2, None, queries or length - first_query, length, device="cpu")
     assert torch.equal(ours.to_dense(), theirs.to_dense())
     assert torch.equal(ours.full_kv_num_blocks, theirs.full_kv_num_blocks)  # blocks run without mask_mod alike
 

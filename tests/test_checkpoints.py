@@ -21,7 +21,8 @@ from common.metrics import read_metrics
 
 SOURCES = {name: (4, layout) for name, layout in SOURCE_LAYOUTS.items()}
 TARGETS = {"tp1-dp2-zero1": (2, ["parallel.tp=1", "parallel.pp=1", "parallel.zero_stage=1"]),
-           "tp1-pp2-zero1": (2, ["parallel.tp=1", "parallel.pp=2", "parallel.zero_stage=1"])}
+           "tp1-pp2-zero1": (2, ["parallel.tp=1", "parallel.pp=2", "parallel.zero_stage=1"]),
+           "cp2-zero1": (2, ["parallel.tp=1", "parallel.pp=1", "parallel.cp=2", "parallel.zero_stage=1"])}
 train = train_tiny
 
 
@@ -63,7 +64,8 @@ def reshard_tolerance(world, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source,target", [("tp2-pp2-zero1", "tp1-dp2-zero1"), ("tp2-dp2-zero3", "tp1-pp2-zero1")])
+@pytest.mark.parametrize("source,target", [("tp2-pp2-zero1", "tp1-dp2-zero1"), ("tp2-dp2-zero3", "tp1-pp2-zero1"),
+                                           ("cp2-tp2-zero2", "tp1-dp2-zero1"), ("tp2-pp2-zero1", "cp2-zero1")])
 def test_reshard_continues_the_source_run(source, target, sources, reshard_tolerance, world, tmp_path):
     resumed = from_step_3(sources / source, tmp_path / "resharded")
     nproc, layout = TARGETS[target]

@@ -43,6 +43,9 @@ def test_presets():
     (["samples.interval=150", "checkpoint.interval=100"], "samples.interval (150) must be 0 or a multiple of "
                                                           "checkpoint.interval (100)"),
     (["samples.interval=100", "checkpoint.keep_last=1"], "needs checkpoint.keep_last >= 2"),
+    (["parallel.cp=2", "parallel.pp=2"], "parallel.cp > 1 with parallel.pp > 1 is not built"),
+    (["parallel.cp=3"], "parallel.cp (3) must be >= 1 and divide data.seq_len"),
+    (["model.attention=ring"], "model.attention must be one of auto, flex, sdpa"),
 ])
 def test_errors_name_the_field_and_what_to_change(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -50,8 +53,9 @@ def test_errors_name_the_field_and_what_to_change(overrides, message):
     assert message in str(e.value)
 
 
-def test_world_size_must_divide_by_tp_times_pp():
-    with pytest.raises(ConfigError, match="world size 3 is not divisible by parallel.tp x parallel.pp = 2 x 1"):
+def test_world_size_must_divide_by_tp_times_cp_times_pp():
+    with pytest.raises(ConfigError, match="world size 3 is not divisible by parallel.tp x parallel.cp x "
+                                          "parallel.pp = 2 x 1 x 1"):
         load_config(None, DATA + ["parallel.tp=2"], world_size=3)
 
 

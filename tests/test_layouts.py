@@ -34,6 +34,12 @@ LAYOUTS = {
     "tp4-sequence-parallel-flex-recompute": ["parallel.tp=4", "parallel.sequence_parallel=true",
                                              "model.attention=flex", "model.activation_checkpointing=full"],
 }
+LAYOUTS |= {  # context parallelism: each row split along the sequence over 2 ranks, keys and values all-gathered
+    "cp2-dp2-zero2": ["parallel.cp=2", "parallel.zero_stage=2"],
+    "cp2-tp2-zero1": ["parallel.cp=2", "parallel.tp=2"],
+    "cp2-tp2-sequence-parallel-flex": ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true",
+                                       "model.attention=flex"],
+}
 FLEX_ON_CPU = {"PYTHONPATH": str(REPO / "tests" / "mutations"), "LOOM_TEST_FLEX_ON_CPU": "1"}
 
 

@@ -56,6 +56,20 @@ def test_parameter_count_is_the_real_models(groups):
         assert stage_memory(cfg, 1, 0, 1, 0).params == sum(p.numel() for p in model.parameters())
 
 
+def test_context_parallelism_splits_activations_and_shares_zero_partitions():
+    """Rows of 32k tokens on 16 GPUs: CP 4 holds a quarter of each row's activations (plus the gathered keys and
+    values) and partitions ZeRO over data x context ranks, so the optimizer states per GPU do not change."""
+    recipe = REPO / "configs" / "cluster" / "emu3_7b.yaml"
+    reports = {cp: json.loads(run_loom("plan", recipe, "data.seq_len=32768", "data.global_batch_size=16",
+                                       f"parallel.cp={cp}", "--gpus", 16, "--json").stdout) for cp in (1, 4)}
+    one, four = reports[1], reports[4]
+    assert (one["layout"]["dp"], four["layout"]["dp"]) == (8, 2) and four["layout"]["cp"] == 4
+    assert four["memory_gib"]["optimizer"] == pytest.approx(one["memory_gib"]["optimizer"])
+    assert one["memory_gib"]["activations"] / 4.2 < four["memory_gib"]["activations"] < \
+        one["memory_gib"]["activations"] / 3
+    assert four["memory_gib"]["logits"] == pytest.approx(one["memory_gib"]["logits"] / 4)
+
+
 @pytest.mark.parametrize("recipe", sorted(CLUSTER))
 def test_cluster_recipes_plan_and_fit(recipe):
     gpus = CLUSTER[recipe]
@@ -82,7 +96,8 @@ def test_cluster_recipes_plan_and_fit(recipe):
 def test_plan_refuses_bad_layouts_and_says_what_does_not_fit():
     recipe = REPO / "configs" / "cluster" / "chameleon_34b.yaml"
     uneven = run_loom("plan", recipe, "--gpus", "100")
-    assert uneven.returncode == 1 and "world size 100 is not divisible by parallel.tp x parallel.pp" in uneven.stderr
+    assert uneven.returncode == 1 and \
+        "world size 100 is not divisible by parallel.tp x parallel.cp x parallel.pp" in uneven.stderr
     zero = run_loom("plan", recipe, "parallel.zero_stage=2", "--gpus", "256")
     assert zero.returncode == 1 and "DeepSpeed's pipeline engine supports ZeRO 1 only" in zero.stderr
     padding = run_loom("plan", recipe, "model.vocab_pad_multiple=100", "--gpus", "256")
