@@ -5,7 +5,7 @@
 Token shards of two sources (text documents of 30-400 tokens; image-caption documents of ~90
 tokens, as the quickstart world's 8x8 grids give) are written to a temporary directory. Then:
 1. Loom's TokenLoader (token-weighted mixing 0.6/0.4, packing to the quickstart recipe's rows of
-   256 tokens, global batch 16, random access by tar index) delivers packed tokens/s;
+   256 tokens, global batch 16, random access through the shard indexes) delivers packed tokens/s;
 2. plain webdataset iteration of the same shards (`wds.WebDataset`, tokens.npy decoded, nothing
    packed or mixed) delivers document tokens/s;
 3. the quickstart model (configs/quickstart.yaml) trains tokens/s in one process (its real step:
@@ -32,6 +32,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from data_pipeline.loader import Source, TokenLoader  # noqa: E402
 from data_pipeline.shards import ShardWriter, npy_bytes, write_json_atomic  # noqa: E402
+from data_pipeline.token_index import index_folder  # noqa: E402
 from data_pipeline.vocab import Vocabulary  # noqa: E402
 from pretrain.config import build_config  # noqa: E402
 
@@ -55,6 +56,7 @@ def write_source(path: Path, name: str, docs: int, rng, image: bool) -> Source:
                      "spans.json": json.dumps(spans).encode()})
         shards = [p.name for p in w.close()]
     write_json_atomic(path / "manifest.json", {"shards": shards, "fingerprint": "bench", "layout": LAYOUT.to_dict()})
+    index_folder(path, log=lambda message: None)  # shard indexes and counts, as the tokenize job writes them
     return Source.open(name, path, 0.6 if not image else 0.4)
 
 

@@ -11,8 +11,11 @@ lengths, and the position is part of the resumable state.
 
 Document g of a source is document g mod N of epoch g // N (N documents per epoch); an epoch
 visits the shards in an order shuffled by (seed, epoch), each shard's documents in stored order,
-read by random access through an index of the tar headers. So every document is used exactly once
-per epoch, by exactly one stream.
+read by random access through the shard's index (data_pipeline/token_index.py). So every document is
+used exactly once per epoch, by exactly one stream. Start-up reads the manifest's per-shard document
+counts only; a shard's index is memory-mapped when a stream first reads that shard, and at most
+OPEN_SHARDS shards are open at a time (least recently used closed first): start-up time and memory
+grow with the number of shards, not of documents.
 
 Data-parallel rank d of D trains rows [d*P/D, (d+1)*P/D) and runs only those streams. Nothing in
 a stream depends on D, the micro-batch size or the other parallel sizes: any layout trains on the
@@ -25,17 +28,19 @@ from __future__ import annotations
 import bisect
 import json
 import sys
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .shards import ShardError, index_shard, list_shards, npy_load, read_json, read_members
+from .shards import ShardError, list_shards, npy_load, read_json
+from .token_index import build_index, index_fits, load_index, read_document, save_index
 from .vocab import IGNORE, IMAGE, TEXT, VIDEO, VISUAL_STRUCTURE, Vocabulary
 
 MAX_CONSECUTIVE_BAD = 1000
+OPEN_SHARDS = 64  # per source and rank: open file handles and memory-mapped indexes
 
 
 def warn(message: str) -> None:
@@ -50,6 +55,9 @@ class Source:
     shards: list[Path]
     fingerprint: str = ""
     vocabulary: Vocabulary | None = None
+    shard_documents: list[int] | None = None
+    """Documents per shard, from the manifest (None: shards written before it recorded them)."""
+    shard_bytes: list[int] | None = None
 
     @classmethod
     def open(cls, name: str, path: str | Path, weight: float) -> "Source":
@@ -59,8 +67,13 @@ class Source:
             folders = ", ".join(str(path / s) for s in sorted(manifest["sources"]))
             raise ShardError(f"{path / 'manifest.json'} is a tokenize job's summary of several sources; point "
                              f"data.sources.{name}.path at one source's folder: {folders}")
-        return cls(name, path, weight, [path / s for s in manifest["shards"]] or list_shards(path),
-                   manifest["fingerprint"], Vocabulary.from_dict(manifest["layout"]))
+        shards = [path / s for s in manifest["shards"]] or list_shards(path)
+        counts, sizes = manifest.get("shard_documents"), manifest.get("shard_bytes")
+        if counts is not None and (len(counts) != len(shards) or len(sizes or ()) != len(shards)):
+            raise ShardError(f"{path / 'manifest.json'}: shard_documents and shard_bytes must list every shard; "
+                             f"rewrite them with `loom data index {path}`")
+        return cls(name, path, weight, shards, manifest["fingerprint"], Vocabulary.from_dict(manifest["layout"]),
+                   counts, sizes)
 
 
 def read_manifest_fingerprints(sources: list[Source]) -> tuple[str, Vocabulary]:
@@ -88,24 +101,64 @@ class SourceReader:
 
     def __init__(self, source: Source, vocabulary: Vocabulary, seed: int):
         self.source, self.vocabulary, self.seed = source, vocabulary, seed
-        self.index: list[list[dict]] = []
-        for shard in source.shards:
-            entries, error = index_shard(shard)
-            if error:
-                warn(f"{error}; the rest of the shard is skipped")
-            self.index.append(entries)
-        self.counts = np.array([len(e) for e in self.index])
+        self._open: OrderedDict[int, tuple[np.ndarray, object]] = OrderedDict()
+        self._built: dict[int, np.ndarray] = {}  # indexes built here that could not be saved beside their shard
+        self._warned_unindexed = False
+        if source.shard_documents is None:
+            warn(f"{source.path}: its manifest has no per-shard document counts; indexing its {len(source.shards)} "
+                 f"shards now (run `loom data index {source.path}` once to start without this)")
+            self.counts = np.array([len(self._index(i)) for i in range(len(source.shards))], dtype=np.int64)
+        else:
+            self.counts = np.array(source.shard_documents, dtype=np.int64)
         self.docs_per_epoch = int(self.counts.sum())
         if self.docs_per_epoch == 0:
             raise ValueError(f"source '{source.name}' ({source.path}) has no readable documents")
         self._epoch, self._order, self._starts = -1, None, None
-        self._handles: dict[int, object] = {}
+
+    def _index(self, i: int) -> np.ndarray:
+        """Shard i's index: its saved file where that matches the shard, else built from its tar headers (and
+        saved where possible). A shard that differs from its manifest is named; documents it lacks are skipped."""
+        if i in self._built:
+            return self._built[i]
+        shard = self.source.shards[i]
+        expected = None if self.source.shard_bytes is None else self.source.shard_bytes[i]
+        size = shard.stat().st_size if shard.exists() else None
+        if expected is not None and size != expected:
+            warn(f"{shard} has {size} bytes, its manifest says {expected}: the shard changed since it was written, "
+                 f"so its index is rebuilt from the tar headers and documents it no longer holds are skipped")
+        else:
+            index = load_index(shard)
+            if index is not None and index_fits(index, size) and (self.source.shard_documents is None
+                                                                  or len(index) == self.counts[i]):
+                return index
+            if not self._warned_unindexed:
+                self._warned_unindexed = True
+                warn(f"{self.source.path}: shards without a matching index (first {shard.name}) are indexed on first "
+                     f"use; `loom data index {self.source.path}` writes them all once")
+        index, error = build_index(shard) if size is not None else (np.zeros(0, [("key", "S1")]), f"{shard}: missing")
+        if error:
+            warn(f"{error}; the rest of the shard is skipped")
+        elif expected in (None, size) and save_index(shard, index):
+            return index
+        self._built[i] = index
+        return index
+
+    def _shard(self, i: int) -> tuple[np.ndarray, object]:
+        """(index, open file) of shard i, opened on first use; the least recently used beyond OPEN_SHARDS close."""
+        if i in self._open:
+            self._open.move_to_end(i)
+            return self._open[i]
+        self._open[i] = (self._index(i), open(self.source.shards[i], "rb"))
+        if len(self._open) > OPEN_SHARDS:
+            _, (_, handle) = self._open.popitem(last=False)
+            handle.close()
+        return self._open[i]
 
     def _locate(self, g: int) -> tuple[int, int]:
         epoch, k = divmod(g, self.docs_per_epoch)
         if epoch != self._epoch:
             self._epoch = epoch
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.index))
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.counts))
             self._starts = np.concatenate([[0], np.cumsum(self.counts[self._order])])
         j = bisect.bisect_right(self._starts, k) - 1
         shard = int(self._order[j])
@@ -114,9 +167,15 @@ class SourceReader:
     def read(self, g: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, loss kinds) of document g; raises ValueError/ShardError for a bad sample."""
         shard, i = self._locate(g)
-        if shard not in self._handles:
-            self._handles[shard] = open(self.source.shards[shard], "rb")
-        sample = read_members(self.source.shards[shard], self.index[shard][i], self._handles[shard])
+        path = self.source.shards[shard]
+        try:
+            index, handle = self._shard(shard)
+        except OSError as e:
+            raise ShardError(f"{path}: cannot be read ({e})") from None
+        if i >= len(index):
+            raise ValueError(f"{path}: document #{i} is missing (the shard holds {len(index)} of the "
+                             f"{self.counts[shard]} documents it had)")
+        sample = read_document(path, index[i], handle)
         where = f"{sample['__shard__']}:{sample['__key__']}"
         try:
             tokens = npy_load(sample["tokens.npy"]).astype(np.int64)

@@ -267,22 +267,3 @@ def index_shard(shard: str | Path) -> tuple[list[dict], str | None]:
             error = f"{shard}: truncated after {i} samples"
             break
     return samples, error
-
-
-def read_members(shard: str | Path, entry: dict, handle=None) -> dict:
-    """The bytes of one indexed sample's members (an open binary `handle` of the shard may be given)."""
-    f = handle or open(shard, "rb")
-    try:
-        out = {"__key__": entry["__key__"], "__shard__": str(shard)}
-        for ext, span in entry.items():
-            if ext.startswith("__"):
-                continue
-            offset, size = span
-            f.seek(offset)
-            out[ext] = f.read(size)
-            if len(out[ext]) != size:
-                raise ShardError(f"{shard}: sample {entry['__key__']} member {ext} is cut off")
-        return out
-    finally:
-        if handle is None:
-            f.close()

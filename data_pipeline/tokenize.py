@@ -21,6 +21,7 @@ import torch
 from .media import Geometry, MediaError, as_geometry, decode_image, read_video
 from .raw import SampleError, SkipCounter
 from .shards import ShardError, ShardWriter, npy_bytes, write_json_atomic
+from .token_index import build_index, save_index
 from .sources import read_input
 from .text_tokenizer import TextTokenizer
 from .tokenize_config import TokenizeSource
@@ -251,8 +252,13 @@ def tokenize_shard(source: TokenizeSource, path: Path, out_dir: Path, encoder: D
     del items  # a DataLoader iterator stops its worker processes when dropped
     flush()
     written = writer.close()
+    if written:  # the loader reads the shard through this index, and starts from the counts in the manifest
+        index, error = build_index(written[0])
+        if error or len(index) != documents or not save_index(written[0], index):
+            raise ShardError(f"{written[0]}: could not be indexed after writing ({error or 'not writable'})")
     seconds = time.perf_counter() - start
     stats = {"input": str(path), "output": written[0].name if written else None, "documents": documents,
+             "bytes": written[0].stat().st_size if written else 0,
              "tokens": dict(counts), "skipped": skipped.as_dict(), "failed": failed, "seconds": round(seconds, 3),
              "encoder_seconds": round(encoder.encoder_seconds - encoder_before, 3)}
     write_json_atomic(out_dir / f"tokens-{path.stem}.json", stats)

@@ -104,8 +104,10 @@ def duplicates(files: list[Path], mine: list[Path]) -> dict[Path, frozenset]:
 
 
 def merge_source(out: Path, inputs: list[Path], vocabulary: Vocabulary, fp: str) -> dict:
-    """The source's manifest.json (the loader reads it) from its files' counts."""
+    """The source's manifest.json (the loader reads it) from its files' counts, with each shard's document count and
+    size, from which the loader starts without opening a shard."""
     documents, tokens, skipped, shards, failed = 0, Counter(), Counter(), [], {}
+    shard_documents, shard_bytes = [], []
     for path in inputs:
         stats = read_json(out / f"tokens-{path.stem}.json")
         documents += stats["documents"]
@@ -113,10 +115,13 @@ def merge_source(out: Path, inputs: list[Path], vocabulary: Vocabulary, fp: str)
         skipped.update(stats["skipped"]["by_reason"])
         if stats["output"]:
             shards.append(stats["output"])
+            shard_documents.append(stats["documents"])
+            shard_bytes.append(stats.get("bytes") or (out / stats["output"]).stat().st_size)
         if stats.get("failed"):
             failed[path.name] = stats["failed"]
     manifest = {"documents": documents, "tokens": dict(tokens), "skipped": dict(skipped), "failed_shards": failed,
-                "shards": shards, "fingerprint": fp, "layout": vocabulary.to_dict()}
+                "shards": shards, "shard_documents": shard_documents, "shard_bytes": shard_bytes, "fingerprint": fp,
+                "layout": vocabulary.to_dict()}
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
 

@@ -97,6 +97,13 @@ def cmd_vq_eval(args) -> int:
     return 0
 
 
+def cmd_index(args) -> int:
+    from data_pipeline.token_index import index_folder
+
+    index_folder(args.folder)
+    return 0
+
+
 def cmd_tokenize(args) -> int:
     from data_pipeline.sources import list_inputs
     from data_pipeline.tokenize_config import load_tokenize_config
@@ -178,3 +185,7 @@ def add_parsers(sub) -> None:
                    "--help` and docs/data.md 'Point Loom at your data')")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. nproc_per_node=4")
     p.set_defaults(func=cmd_tokenize)
+    p = data.add_parser("index", help="write the shard indexes and per-shard counts of token shards made before "
+                        "the tokenize job wrote them (the loader then starts from the manifest alone)")
+    p.add_argument("folder", help="one source's folder of token shards (with its manifest.json)")
+    p.set_defaults(func=cmd_index)

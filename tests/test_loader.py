@@ -206,3 +206,80 @@ def test_sources_of_different_vocabularies_are_refused(world, tmp_path):
     other = copy_with_fingerprint(world / "tokens", tmp_path / "other", "manifest.json", "f" * 16)
     with pytest.raises(ValueError, match="different vocabularies"):
         read_manifest_fingerprints([Source.open("a", world / "tokens", 1), Source.open("b", other, 1)])
+
+
+def legacy_copy(world, dst):
+    """The world's token shards as written before shard indexes: no .idx.npy files, no per-shard counts."""
+    import shutil
+
+    shutil.copytree(world / "tokens", dst, ignore=shutil.ignore_patterns("*.idx.npy"))
+    manifest = json.loads((dst / "manifest.json").read_text())
+    del manifest["shard_documents"], manifest["shard_bytes"]
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def rows_of(loader, steps):
+    return [np.concatenate([mb["tokens"].numpy() for mb in loader.next_step()]).tobytes() for _ in range(steps)]
+
+
+def test_lazy_indexed_loading_gives_the_batches_of_the_tar_header_index(source, world, tmp_path, monkeypatch,
+                                                                         capsys):
+    """The tokenize job's indexes and counts, opened lazily with one shard open at a time, against shards indexed
+    from their tar headers at start (the loader before indexes): the same rows for 50 steps and after a resume."""
+    from data_pipeline import loader as loader_module
+    from data_pipeline.loader import OPEN_SHARDS
+
+    src, vocabulary = source
+    assert src.shard_documents and all((s.parent / (s.name + ".idx.npy")).exists() for s in src.shards)
+    legacy = Source.open("shapes", legacy_copy(world, tmp_path / "legacy"), 1.0)
+    args = dict(seq_len=48, global_batch_size=8, micro_batch_size=4, seed=3)
+    reference = TokenLoader([legacy], vocabulary, **args)
+    assert "indexing its 4 shards now" in capsys.readouterr().err  # and says how to avoid it
+    monkeypatch.setattr(loader_module, "OPEN_SHARDS", 1)
+    lazy = TokenLoader([src], vocabulary, **args)
+    assert not lazy.readers[0]._open  # start-up opened no shard
+    assert rows_of(lazy, 50) == rows_of(reference, 50)
+    assert len(lazy.readers[0]._open) == 1 < OPEN_SHARDS
+    resumed = TokenLoader([src], vocabulary, **args)
+    resumed.load_state_dict(lazy.state_dict())
+    assert rows_of(resumed, 10) == rows_of(reference, 10)
+    assert capsys.readouterr().err == ""  # nothing rebuilt, nothing skipped
+
+
+def test_a_rewritten_shard_is_named_and_its_index_rebuilt(source, world, tmp_path, capsys):
+    """A shard replaced by a shorter one after its manifest and index were written: the loader names it, reads it
+    through a rebuilt index, and skips and counts the documents it no longer holds; the run goes on."""
+    import shutil
+
+    src, vocabulary = source
+    folder = tmp_path / "tokens"
+    shutil.copytree(world / "tokens", folder)
+    shard = folder / src.shards[0].name
+    samples = [{k: v for k, v in s.items() if k != "__shard__"} for s in iter_samples(shard)][:5]
+    shard.unlink()
+    with ShardWriter(folder, shard.stem, max_count=None) as w:
+        for sample in samples:
+            w.write(sample)
+    loader = TokenLoader([Source.open("shapes", folder, 1.0)], vocabulary, seq_len=48, global_batch_size=8,
+                         micro_batch_size=8, seed=3)
+    for _ in range(60):  # more than an epoch (160 documents)
+        loader.next_step()
+    err = capsys.readouterr().err
+    assert f"{shard} has " in err and "its index is rebuilt" in err
+    assert "document #5 is missing" in err and loader.skipped() > 0
+
+
+def test_loom_data_index_writes_the_indexes_and_counts_of_old_shards(source, world, tmp_path, capsys):
+    from conftest import run_loom
+
+    folder = legacy_copy(world, tmp_path / "legacy")
+    result = run_loom("data", "index", folder)
+    assert result.returncode == 0, result.stderr
+    assert "indexed" in result.stdout and "4 shards, 160 documents" in result.stdout
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["shard_documents"] == source[0].shard_documents
+    assert all((folder / (name + ".idx.npy")).exists() for name in manifest["shards"])
+    TokenLoader([Source.open("shapes", folder, 1.0)], source[1], seq_len=48, global_batch_size=8,
+                micro_batch_size=8).next_step()
+    assert capsys.readouterr().err == ""  # started from the counts, read through the indexes
