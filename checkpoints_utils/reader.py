@@ -13,7 +13,7 @@ from common.manifest import verify, write_manifest
 from pretrain.checkpointing import ARCHITECTURE, read_config
 from pretrain.config import TrainConfig
 from pretrain.consolidate import read_deepspeed
-from pretrain.portable import MODEL_FILE, read_params, write_portable
+from pretrain.portable import MODEL_FILE, portable_from_deepspeed, read_params, write_portable
 from pretrain.train_state import TrainState
 
 
@@ -45,6 +45,24 @@ def read_checkpoint(folder: Path, check: bool = True) -> tuple[dict, TrainConfig
     params = read_deepspeed(folder, saved["tp"], saved["pp"], saved["dp"], saved["zero_stage"],
                             cfg.model.n_layers)["params"]
     return params, cfg, shared
+
+
+def consolidate(path: str | Path, check: bool = True, log=print) -> Path:
+    """Write a DeepSpeed checkpoint's portable form (`<checkpoint>/portable/`) ahead of a resume under another
+    layout, streaming one parameter at a time; returns that folder (at once where it exists)."""
+    folder = resolve_checkpoint(path)
+    if check:
+        verify(folder)
+    saved = json.loads((folder / "loom_state.json").read_text()).get("layout")
+    if saved is None:
+        raise CheckpointError(f"{folder} is already portable (an import, or weights alone)")
+    portable = folder / "portable"
+    if (portable / MODEL_FILE).exists():
+        log(f"{portable} exists")
+        return portable
+    portable_from_deepspeed(folder, saved, read_config(folder).model.n_layers, portable)
+    log(f"consolidated {folder} (layout {saved}) into {portable}: {folder_bytes(portable) / 2 ** 20:.1f} MiB")
+    return portable
 
 
 def write_portable_checkpoint(run_dir: Path, params: dict, cfg: TrainConfig, step: int = 0) -> Path:

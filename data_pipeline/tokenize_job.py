@@ -5,7 +5,8 @@ Each input file becomes its own output shard named after it (tokenize.py), so th
 not depend on W, and a rerun of the same command skips files whose `tokens-X.json` exists and
 redoes the rest (a killed rank leaves at most a `.tar.tmp`). Ranks talk only through the output
 directory (a shared filesystem on several nodes): exact-duplicate removal hashes each file into
-`OUT/<source>/hashes/`, and rank 0 waits for every file's counts before merging the manifests.
+`OUT/<source>/hashes/` and partitions the hashes over the ranks (dedup.py), and rank 0 waits for
+every file's counts before merging the manifests.
 
 Outputs: OUT/<source>/ (tokens-*.tar, tokens-*.json, manifest.json, vocab.json,
 text_tokenizer.model) per source, and OUT/manifest.json merged over sources.
@@ -13,19 +14,19 @@ text_tokenizer.model) per source, and OUT/manifest.json merged over sources.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .media import Geometry, as_geometry
-from .raw import SampleError
-from .shards import ShardError, read_json, write_json_atomic
-from .sources import content_hash, list_inputs, read_input
+from .dedup import duplicate_keys, hash_file, partition_path, write_partition
+from .shards import read_json, write_json_atomic
+from .sources import list_inputs
 from .text_tokenizer import TextTokenizer
 from .tokenize import DocumentEncoder, tokenize_shard
 from .tokenize_config import TokenizeConfig, TokenizeSource
@@ -68,48 +69,13 @@ def prepare_output(out: Path, vocabulary: Vocabulary, fp: str, cfg: TokenizeConf
         shutil.copy(cfg.text_tokenizer, out / "text_tokenizer.model")
 
 
-def hash_file(source: TokenizeSource, path: Path, out: Path) -> Path:
-    """`hashes/X.npz`: keys and content hashes of input X's readable documents, in input order."""
-    target = out / "hashes" / f"{path.stem}.npz"
-    if not target.exists():
-        keys, hashes = [], []
-        try:
-            for item in read_input(source, path):
-                if not isinstance(item, SampleError):
-                    keys.append(item[0])
-                    hashes.append(content_hash(item[1]))
-        except ShardError:
-            pass  # the tokenize pass reads the same documents and reports the damage
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{path.stem}.tmp.npz")
-        np.savez(tmp, keys=np.array(keys, dtype=str), hashes=np.array(hashes, dtype=np.uint64))
-        tmp.replace(target)
-    return target
-
-
-def duplicates(files: list[Path], mine: list[Path]) -> dict[Path, frozenset]:
-    """Keys of each of `mine` whose content hash appeared earlier in `files` (all of a source's hash files,
-    in input order): every rank computes the same first occurrences."""
-    hashes = [np.load(f)["hashes"] for f in files]
-    flat = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
-    keep = np.zeros(len(flat), bool)
-    keep[np.unique(flat, return_index=True)[1]] = True
-    starts = np.concatenate([[0], np.cumsum([len(h) for h in hashes])])
-    out = {}
-    for i, f in enumerate(files):
-        if f in mine:
-            keys = np.load(f)["keys"]
-            out[f] = frozenset(keys[~keep[starts[i]:starts[i + 1]]].tolist())
-    return out
-
-
-def merge_source(out: Path, inputs: list[Path], vocabulary: Vocabulary, fp: str) -> dict:
-    """The source's manifest.json (the loader reads it) from its files' counts, with each shard's document count and
-    size, from which the loader starts without opening a shard."""
+def merge_source(out: Path, inputs: list[Path], vocabulary: Vocabulary, fp: str, counts: dict[str, dict]) -> dict:
+    """The source's manifest.json (the loader reads it) from its files' counts (by input stem), with each shard's
+    document count and size, from which the loader starts without opening a shard."""
     documents, tokens, skipped, shards, failed = 0, Counter(), Counter(), [], {}
     shard_documents, shard_bytes = [], []
     for path in inputs:
-        stats = read_json(out / f"tokens-{path.stem}.json")
+        stats = counts[path.stem]
         documents += stats["documents"]
         tokens.update(stats["tokens"])
         skipped.update(stats["skipped"]["by_reason"])
@@ -124,6 +90,32 @@ def merge_source(out: Path, inputs: list[Path], vocabulary: Vocabulary, fp: str)
                 "layout": vocabulary.to_dict()}
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
+
+
+class JobFiles:
+    """What ranks tell each other through the output directory (`OUT/.tokenize-job/`), in O(ranks) files: each rank's
+    progress (a count) and, at its end, its summary (the counts of its input files), so rank 0 merges the
+    manifests from W files and progress needs no listing of the outputs. Named after the work list, so files
+    of a run over other inputs are never read."""
+
+    def __init__(self, root: Path, work: list, world: int):
+        self.folder = root / ".tokenize-job"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.digest = hashlib.sha1("\n".join(f"{src.name}/{path}" for src, path in work).encode()).hexdigest()[:12]
+        self.world = world
+
+    def summary(self, rank: int) -> Path:
+        return self.folder / f"summary-{rank}-of-{self.world}-{self.digest}.json"
+
+    def _progress(self, rank: int) -> Path:
+        return self.folder / f"progress-{rank}-of-{self.world}-{self.digest}"
+
+    def report_progress(self, rank: int, done: int) -> None:
+        write_json_atomic(self._progress(rank), done)
+
+    def progress(self) -> int:
+        """Input files done by all ranks so far (those of this run's ranks that reported)."""
+        return sum(read_json(p) for p in map(self._progress, range(self.world)) if p.exists())
 
 
 def encoder_device(name: str) -> torch.device:
@@ -150,41 +142,53 @@ def run_tokenize(cfg: TokenizeConfig, rank: int = 0, world_size: int = 1, log=pr
     wait_for([root / src.name / "vocab.json" for src in cfg.sources], "vocabulary files", log)
 
     drop: dict[tuple[str, Path], frozenset] = {}
-    for src in (s for s in cfg.sources if s.filters.dedup):
+    for src in (s for s in cfg.sources if s.filters.dedup):  # data_pipeline/dedup.py
         out = root / src.name
         for s, path in mine:
             if s is src:
                 hash_file(src, path, out)
         files = [out / "hashes" / f"{p.stem}.npz" for p in inputs[src.name]]
         wait_for(files, f"hash files of source '{src.name}'", log)
+        write_partition(files, rank, world_size)
+        partitions = [partition_path(files, r, world_size) for r in range(world_size)]
+        wait_for(partitions, f"duplicate partitions of source '{src.name}'", log)
         own = {out / "hashes" / f"{p.stem}.npz": p for s, p in mine if s is src}
-        for f, keys in duplicates(files, list(own)).items():
+        for f, keys in duplicate_keys(files, list(own), partitions).items():
             drop[(src.name, own[f])] = keys
 
     encoders = {src.name: DocumentEncoder(text, visual, vocabulary, src.filters.geometry(cfg.geometry),
                                           cfg.video_frames)
                 for src in cfg.sources}
-    start, documents = time.time(), 0
+    job = JobFiles(root, work, world_size)
+    start, documents, counts = time.time(), 0, {}
     for n, (src, path) in enumerate(mine, 1):
         out = root / src.name
         if (out / f"tokens-{path.stem}.json").exists():
             log(f"tokenize: [rank {rank}] {src.name}/{path.name} already done, skipped")
+            counts[f"{src.name}/{path.stem}"] = read_json(out / f"tokens-{path.stem}.json")
+            job.report_progress(rank, n)
             continue
         with torch.inference_mode():
             stats = tokenize_shard(src, path, out, encoders[src.name], cfg.workers, cfg.max_consecutive_failures,
                                    drop.get((src.name, path), frozenset()))
+        counts[f"{src.name}/{path.stem}"] = stats
         documents += stats["documents"]
-        done = sum(len(list((root / s.name).glob("tokens-*.json"))) for s in cfg.sources)  # one listing each
+        job.report_progress(rank, n)
+        done = job.progress()
         failed = f", FAILED: {stats['failed']}" if stats["failed"] else ""
         log(f"tokenize: [rank {rank}/{world_size}] {progress_bar(n, len(mine))} {src.name}/{path.name}: "
             f"{stats['documents']} documents, {stats['tokens'].get('total', 0)} tokens, "
             f"{stats['skipped']['total']} skipped, encoder busy "
             f"{stats['encoder_seconds'] / max(stats['seconds'], 1e-9):.0%}{failed} | "
             f"{documents / max(time.time() - start, 1e-9):.1f} docs/s | all ranks {progress_bar(done, len(work))}")
+    write_json_atomic(job.summary(rank), counts)
     if rank != 0:
         return {}
-    wait_for([root / s.name / f"tokens-{p.stem}.json" for s, p in work], "input files", log)
-    per_source = {src.name: merge_source(root / src.name, inputs[src.name], vocabulary, fp) for src in cfg.sources}
+    wait_for([job.summary(r) for r in range(world_size)], "rank summaries", log)
+    counts = {k: v for r in range(world_size) for k, v in read_json(job.summary(r)).items()}
+    per_source = {src.name: merge_source(root / src.name, inputs[src.name], vocabulary, fp,
+                                         {p.stem: counts[f"{src.name}/{p.stem}"] for p in inputs[src.name]})
+                  for src in cfg.sources}
     if not merged:
         return next(iter(per_source.values()))
     total_tokens, skipped = Counter(), Counter()

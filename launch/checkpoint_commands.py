@@ -27,6 +27,13 @@ def cmd_inspect(args) -> int:
     return 0 if report.get("manifest", "ok").startswith("ok") and report["complete"] else 1
 
 
+def cmd_consolidate(args) -> int:
+    from checkpoints_utils.reader import consolidate
+
+    consolidate(args.checkpoint, check=not args.no_verify)
+    return 0
+
+
 def add_parsers(sub) -> None:
     convert = sub.add_parser("convert", help="Loom checkpoints <-> Hugging Face directories").add_subparsers(
         dest="convert_command", required=True, metavar="DIRECTION")
@@ -50,3 +57,8 @@ def add_parsers(sub) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--no-verify", action="store_true", help="skip checking every file against the manifest")
     p.set_defaults(func=cmd_inspect)
+    p = ckpt.add_parser("consolidate", help="write a checkpoint's layout-free form (CKPT/portable) ahead of resuming "
+                        "it under another layout, one parameter at a time")
+    p.add_argument("checkpoint")
+    p.add_argument("--no-verify", action="store_true", help="skip checking every file against the manifest")
+    p.set_defaults(func=cmd_consolidate)

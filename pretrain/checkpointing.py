@@ -188,9 +188,10 @@ def load(engine, run_dir: str | Path, tag: str, cfg: TrainConfig, log=print, hoo
         if saved is not None:
             portable = folder / "portable"
             log(f"{folder} was saved with layout {saved}; resharding to {layout_record(cfg, world)}")
-            if rank == 0 and not (portable / MODEL_FILE).exists():
-                portable_from_deepspeed(folder, saved, cfg.model.n_layers, portable)
-            dist.barrier()
+            consolidated = (portable / MODEL_FILE).exists()
+            dist.barrier()  # every rank has looked before any writes
+            if not consolidated:  # every rank merges a share of the parameters
+                portable_from_deepspeed(folder, saved, cfg.model.n_layers, portable, rank, world, dist.barrier)
         load_portable(engine, portable, cfg.model.n_layers, cfg.parallel.pp > 1, cfg.parallel.tp)
         state = TrainState.restore(shared, None)
     data_state = folder / "data_state.json"

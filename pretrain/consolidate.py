@@ -2,10 +2,10 @@
 
 A DeepSpeed checkpoint is sharded three ways: tensor parallelism splits matrices, the pipeline
 splits layers (named `{layer index}.{name}` by PipelineModule), and ZeRO splits the flattened fp32
-masters and Adam moments over data-parallel ranks. `read_deepspeed` undoes all three from the
-files alone (one process, no GPUs, any saved world size) and returns full tensors under the
-canonical names of the single-process `Transformer`; `tp_slice` cuts them again for one rank of
-another layout. DESIGN §6: DeepSpeed's universal checkpoints fail to load ZeRO-3 with TP > 1 and
+masters and Adam moments over data-parallel ranks. `DeepSpeedCheckpoint` undoes all three from the
+files alone (one process, no GPUs, any saved world size), one full tensor at a time under the
+canonical names of the single-process `Transformer`, with the shards memory-mapped (so memory holds
+one parameter, not the checkpoint); `tp_slice` cuts them again for one rank of another layout. DESIGN §6: DeepSpeed's universal checkpoints fail to load ZeRO-3 with TP > 1 and
 across ZeRO stages, so Loom reads the shards itself, for every layout alike.
 
 Which dimension tensor parallelism splits, by parameter:
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,8 +55,10 @@ def canonical_name(local: str, n_layers: int, pipeline: bool) -> str:
 
 
 def _load(path: Path) -> dict:
+    """A DeepSpeed file with its tensors memory-mapped: a parameter's slice is read from disk when it is used, so
+    consolidating holds one parameter at a time, not the shards."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot be read ({e})") from e
 
@@ -69,7 +72,20 @@ def _optim_file(ckpt: Path, dp_rank: int, mp_rank: int) -> Path:
     return Path(found[0])
 
 
-def _zero12_shards(ckpt: Path, mp_rank: int, dp: int) -> dict:
+@dataclass
+class Piece:
+    """One TP rank's part of a parameter: where its elements lie in the data-parallel ranks' flat fp32 vectors
+    (one vector per state: the master weights and Adam's moments)."""
+
+    shape: tuple
+    fragments: list  # (flat vectors by state, start, numel), in order
+
+    def tensor(self, state: str) -> torch.Tensor:
+        whole = torch.cat([flats[state].narrow(0, start, numel) for flats, start, numel in self.fragments])
+        return whole[:math.prod(self.shape)].view(self.shape)
+
+
+def _zero12_pieces(ckpt: Path, mp_rank: int, dp: int) -> tuple[dict[str, Piece], float]:
     """ZeRO-1/2 (pipelines included): each data-parallel rank holds a contiguous slice of every
     group's flat fp32 vector; `param_slice_mappings` says where each parameter's piece lies."""
     shapes = _load(ckpt / f"mp_rank_{mp_rank:02d}_model_states.pt")["param_shapes"]
@@ -80,62 +96,75 @@ def _zero12_shards(ckpt: Path, mp_rank: int, dp: int) -> dict:
                   **{k: o["base_optimizer_state"]["state"][g][k] for k in MOMENTS}} for o in optims]
         step = float(optims[0]["base_optimizer_state"]["state"][g]["step"])
         for name, shape in group.items():
-            frags = [(flat, o["param_slice_mappings"][g][name]) for flat, o in zip(flats, optims)
-                     if name in o["param_slice_mappings"][g]]
-            out[name] = {k: torch.cat([flat[k].narrow(0, f.start, f.numel) for flat, f in frags]).view(shape)
-                         for k in ("param", *MOMENTS)}
-    return {"tensors": out, "step": step}
+            out[name] = Piece(tuple(shape), [(flat, o["param_slice_mappings"][g][name].start,
+                                              o["param_slice_mappings"][g][name].numel)
+                                             for flat, o in zip(flats, optims) if name in o["param_slice_mappings"][g]])
+    return out, step
 
 
-def _zero3_shards(ckpt: Path, tp_rank: int, dp: int) -> dict:
+def _zero3_pieces(ckpt: Path, tp_rank: int, dp: int) -> tuple[dict[str, Piece], float]:
     """ZeRO-3: every parameter is split into dp equal pieces (the last one padded); rank d's flat
-    vector is its piece of every parameter, in the order of `param_shapes`."""
+    vectors hold its piece of every parameter, in the order of `param_shapes`, group after group."""
     shapes = _load(ckpt / f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt")["param_shapes"]
     optims = [_load(_optim_file(ckpt, d, tp_rank))["optimizer_state_dict"] for d in range(dp)]
-    flats = []
-    for o in optims:
-        states = o["optimizer_state_dict"]["state"]
-        groups = sorted(states)
-        flats.append({"param": torch.cat(o["fp32_flat_groups"]),
-                      **{k: torch.cat([states[i][k] for i in groups]) for k in MOMENTS}})
+    group_flats = []  # per group: per data-parallel rank, its flat vector of each state
+    for g in range(len(shapes)):
+        group_flats.append([{"param": o["fp32_flat_groups"][g],
+                             **{k: o["optimizer_state_dict"]["state"][g][k] for k in MOMENTS}} for o in optims])
     step = float(optims[0]["optimizer_state_dict"]["state"][0]["step"])
-    out, offset = {}, 0
-    for group in shapes:
+    out = {}
+    for g, group in enumerate(shapes):
+        offset = 0
         for name, shape in group.items():
-            numel = math.prod(shape)
-            piece = math.ceil(numel / dp)
-            out[name] = {k: torch.cat([f[k].narrow(0, offset, piece) for f in flats])[:numel].view(shape)
-                         for k in ("param", *MOMENTS)}
+            piece = math.ceil(math.prod(shape) / dp)
+            out[name] = Piece(tuple(shape), [(flats, offset, piece) for flats in group_flats[g]])
             offset += piece
-    return {"tensors": out, "step": step}
+    return out, step
+
+
+class DeepSpeedCheckpoint:
+    """A DeepSpeed checkpoint saved with layout (tp, pp, dp, zero), read one full parameter at a time: `names()`,
+    `shape(name)`, `full(name, state)` (state 'param' or an Adam moment), under the canonical names of the
+    single-process `Transformer`, from the files alone (one process, no GPUs, any saved world size)."""
+
+    def __init__(self, ckpt: str | Path, tp: int, pp: int, dp: int, zero_stage: int, n_layers: int):
+        ckpt = Path(ckpt)
+        if zero_stage not in (1, 2, 3):
+            raise CheckpointError(f"{ckpt}: ZeRO stage {zero_stage} checkpoints are not supported (use 1, 2 or 3)")
+        self.pieces: dict[str, list] = {}  # canonical name -> its piece on each TP rank
+        steps = set()
+        for stage in range(pp):
+            for t in range(tp):
+                mp_rank = stage * tp + t
+                pieces, step = _zero3_pieces(ckpt, t, dp) if zero_stage == 3 else _zero12_pieces(ckpt, mp_rank, dp)
+                steps.add(step)
+                for local, piece in pieces.items():
+                    self.pieces.setdefault(canonical_name(local, n_layers, pp > 1), [None] * tp)[t] = piece
+        model_file = ckpt / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if zero_stage == 3
+                             else "mp_rank_00_model_states.pt")
+        model_state = _load(model_file)
+        self.optimizer_step = int(steps.pop())
+        self.engine = {k: model_state[k] for k in ("lr_scheduler", "global_steps", "global_samples", "skipped_steps")}
+
+    def names(self) -> list[str]:
+        return sorted(self.pieces)
+
+    def shape(self, name: str) -> tuple:
+        pieces, dim = self.pieces[name], tp_dim(name)
+        shape = list(pieces[0].shape)
+        if dim is not None:
+            shape[dim] = sum(p.shape[dim] for p in pieces)
+        return tuple(shape)
+
+    def full(self, name: str, state: str) -> torch.Tensor:
+        pieces, dim = self.pieces[name], tp_dim(name)
+        return pieces[0].tensor(state).clone() if dim is None else torch.cat([p.tensor(state) for p in pieces], dim)
 
 
 def read_deepspeed(ckpt: str | Path, tp: int, pp: int, dp: int, zero_stage: int, n_layers: int) -> dict:
-    """Full fp32 weights and Adam moments of a DeepSpeed checkpoint saved with layout (tp, pp, dp, zero).
-
-    Returns {"params": {name: tensor}, "exp_avg": {...}, "exp_avg_sq": {...}, "optimizer_step": int,
-    "engine": DeepSpeed's client-independent state (scheduler, global steps and samples)}."""
-    ckpt = Path(ckpt)
-    if zero_stage not in (1, 2, 3):
-        raise CheckpointError(f"{ckpt}: ZeRO stage {zero_stage} checkpoints are not supported (use 1, 2 or 3)")
-    per_tp: dict[str, list] = {}
-    steps = set()
-    for stage in range(pp):
-        for t in range(tp):
-            mp_rank = stage * tp + t
-            shard = _zero3_shards(ckpt, t, dp) if zero_stage == 3 else _zero12_shards(ckpt, mp_rank, dp)
-            steps.add(shard["step"])
-            for local, states in shard["tensors"].items():
-                per_tp.setdefault(canonical_name(local, n_layers, pp > 1), [None] * tp)[t] = states
-    out = {"params": {}, **{k: {} for k in MOMENTS}}
-    for name, pieces in sorted(per_tp.items()):
-        dim = tp_dim(name)
-        for key in ("param", *MOMENTS):
-            full = pieces[0][key] if dim is None else torch.cat([p[key] for p in pieces], dim)
-            out["params" if key == "param" else key][name] = full.detach().clone()
-    model_file = ckpt / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if zero_stage == 3 else "mp_rank_00_model_states.pt")
-    model_state = _load(model_file)
-    out["optimizer_step"] = int(steps.pop())
-    out["engine"] = {"lr_scheduler": model_state["lr_scheduler"], "global_steps": model_state["global_steps"],
-                     "global_samples": model_state["global_samples"], "skipped_steps": model_state["skipped_steps"]}
-    return out
+    """Everything of a DeepSpeed checkpoint in memory: {"params": {name: tensor}, "exp_avg": {...}, "exp_avg_sq":
+    {...}, "optimizer_step": int, "engine": DeepSpeed's client-independent state (scheduler, step counters)}."""
+    source = DeepSpeedCheckpoint(ckpt, tp, pp, dp, zero_stage, n_layers)
+    out = {"params": {n: source.full(n, "param") for n in source.names()},
+           **{k: {n: source.full(n, k) for n in source.names()} for k in MOMENTS}}
+    return out | {"optimizer_step": source.optimizer_step, "engine": source.engine}

@@ -7,16 +7,22 @@ A portable checkpoint folder holds
     engine_state.json       optimizer step, LR scheduler state, DeepSpeed's step and sample counters
 
 It is written by `loom convert from-hf`, and by a run that resumes a DeepSpeed checkpoint saved
-with another layout (into `<checkpoint>/portable/`, once). Each rank of the new layout reads only
-its tensor-parallel slices (safetensors reads lazily) and hands them to DeepSpeed through its
-fragment API, which places them in the ZeRO partitions of any stage.
+with another layout (into `<checkpoint>/portable/`, once; or ahead of time by `loom ckpt
+consolidate`). That consolidation streams: the files' layout (header and offsets) is known from the
+shapes alone, so rank 0 writes the headers and sizes, and then every rank of the new job reads, merges
+and writes its share of the parameters, one at a time, at their offsets (`portable_from_deepspeed`):
+memory holds one parameter per rank, and no rank waits longer than the slowest share. Each rank of the
+new layout reads only its tensor-parallel slices (safetensors reads lazily) and hands them to DeepSpeed
+through its fragment API, which places them in the ZeRO partitions of any stage.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import struct
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -30,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common.checkpoint_folders import CheckpointError
-from .consolidate import MOMENTS, canonical_name, read_deepspeed, tp_slice
+from .consolidate import MOMENTS, DeepSpeedCheckpoint, canonical_name, tp_slice
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -51,11 +57,62 @@ def write_portable(folder: Path, params: dict, moments: dict | None = None, engi
     os.replace(tmp, folder)
 
 
-def portable_from_deepspeed(ckpt: Path, saved: dict, n_layers: int, folder: Path) -> None:
-    """Consolidate DeepSpeed shards saved with layout `saved` (tp, pp, dp, zero_stage) into `folder`."""
-    data = read_deepspeed(ckpt, saved["tp"], saved["pp"], saved["dp"], saved["zero_stage"], n_layers)
-    write_portable(folder, data["params"], {k: data[k] for k in MOMENTS},
-                   {**data["engine"], "optimizer_step": data["optimizer_step"]})
+def safetensors_layout(entries: list[tuple[str, tuple]]) -> tuple[bytes, dict[str, int], int]:
+    """The header of a safetensors file of fp32 tensors (name, shape), laid out in name order as safetensors'
+    own writer does, their byte offsets in the file, and the file's size."""
+    header, offset = {}, 0
+    for name, shape in sorted(entries):
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    prefix = struct.pack("<Q", len(text)) + text
+    return prefix, {name: len(prefix) + h["data_offsets"][0] for name, h in header.items()}, len(prefix) + offset
+
+
+def write_at(fd: int, tensor: torch.Tensor, offset: int) -> None:
+    data = memoryview(tensor.detach().contiguous().numpy()).cast("B")
+    while data:  # one write moves at most ~2 GiB on Linux
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
+
+
+def portable_from_deepspeed(ckpt: Path, saved: dict, n_layers: int, folder: Path, rank: int = 0, world: int = 1,
+                            barrier=lambda: None) -> None:
+    """Consolidate DeepSpeed shards saved with layout `saved` (tp, pp, dp, zero_stage) into `folder`, with `world`
+    processes (this one is `rank`; all call it, `barrier` waits for all): rank r writes parameters r, r + world, ...
+    of the name order, each read, merged and written alone."""
+    source = DeepSpeedCheckpoint(ckpt, saved["tp"], saved["pp"], saved["dp"], saved["zero_stage"], n_layers)
+    names = source.names()
+    files = {MODEL_FILE: [(n, source.shape(n)) for n in names],
+             OPTIMIZER_FILE: [(f"{k}/{n}", source.shape(n)) for k in MOMENTS for n in names]}
+    layouts = {file: safetensors_layout(entries) for file, entries in files.items()}
+    tmp = folder.with_name(folder.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for file, (prefix, _, size) in layouts.items():
+            with open(tmp / file, "wb") as f:
+                f.write(prefix)
+                f.truncate(size)
+    barrier()
+    for file, (_, offsets, _) in layouts.items():
+        fd = os.open(tmp / file, os.O_WRONLY)
+        try:
+            for i, name in enumerate(sorted(offsets)):
+                if i % world == rank:
+                    state, base = ("param", name) if file == MODEL_FILE else name.split("/", 1)
+                    write_at(fd, source.full(base, state), offsets[name])
+        finally:
+            os.close(fd)
+    barrier()
+    if rank == 0:
+        (tmp / ENGINE_FILE).write_text(json.dumps({**source.engine, "optimizer_step": source.optimizer_step},
+                                                  indent=1))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    barrier()
 
 
 def read_params(folder: Path) -> dict:

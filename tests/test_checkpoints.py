@@ -80,6 +80,46 @@ def test_reshard_continues_the_source_run(source, target, sources, reshard_toler
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_streaming_consolidation_writes_what_safetensors_writes(source, sources, tmp_path):
+    """Two processes (threads here) each merging and writing half of the parameters, one at a time, at offsets
+    computed from the shapes alone: byte for byte the files safetensors' own writer makes from all tensors
+    in memory, for ZeRO-1 with a pipeline, ZeRO-3 and context parallelism."""
+    import filecmp
+    import threading
+
+    from pretrain.consolidate import MOMENTS, read_deepspeed
+    from pretrain.portable import ENGINE_FILE, MODEL_FILE, OPTIMIZER_FILE, portable_from_deepspeed, write_portable
+
+    folder = sources / source / "checkpoints" / "step_000006"
+    saved = json.loads((folder / "loom_state.json").read_text())["layout"]
+    together = threading.Barrier(2)
+    workers = [threading.Thread(target=portable_from_deepspeed,
+                                args=(folder, saved, 4, tmp_path / "streamed", rank, 2, together.wait))
+               for rank in (0, 1)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    everything = read_deepspeed(folder, saved["tp"], saved["pp"], saved["dp"], saved["zero_stage"], 4)
+    write_portable(tmp_path / "in_memory", everything["params"], {k: everything[k] for k in MOMENTS},
+                   {**everything["engine"], "optimizer_step": everything["optimizer_step"]})
+    for file in (MODEL_FILE, OPTIMIZER_FILE, ENGINE_FILE):
+        assert filecmp.cmp(tmp_path / "streamed" / file, tmp_path / "in_memory" / file, shallow=False), file
+
+
+@pytest.mark.slow
+def test_loom_ckpt_consolidate_prepares_a_resume_under_another_layout(sources, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(sources / "tp2-dp2-zero3", run)
+    result = run_loom("ckpt", "consolidate", run)
+    assert result.returncode == 0, result.stderr
+    assert "consolidated" in result.stdout and (run / "checkpoints" / "step_000006" / "portable" /
+                                                "model.safetensors").exists()
+    assert "exists" in run_loom("ckpt", "consolidate", run).stdout  # once
+
+
+@pytest.mark.slow
 def test_a_rank_killed_while_saving_leaves_the_previous_checkpoint(world, tmp_path):
     out = tmp_path / "run"
     crashed = train(world, out, 2, "schedule.steps=4", "checkpoint.interval=2", env={"LOOM_FAULT": "save:4:1"},

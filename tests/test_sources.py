@@ -307,3 +307,32 @@ def test_three_ranks_and_a_killed_run_write_the_same_shards_as_one_process(world
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("already done") + result.stderr.count("already done") == done
     assert shards(out) == expected
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_partitioned_dedup_drops_every_later_copy_whatever_the_ranks(world, tmp_path):
+    """5 hash files of 40 documents drawing from 60 contents: each rank holds a third of the hashes, and together
+    they drop exactly the documents whose content appeared at an earlier position in input order."""
+    from data_pipeline.dedup import duplicate_keys, partition_path, write_partition
+
+    rng = np.random.default_rng(world)
+    files, contents = [], []
+    for i in range(5):
+        hashes = rng.integers(0, 60, 40).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        keys = [f"f{i}-{k:02d}" for k in range(40)]
+        files.append(tmp_path / "hashes" / f"f{i}.npz")
+        files[-1].parent.mkdir(exist_ok=True)
+        np.savez(files[-1], keys=np.array(keys, dtype=str), hashes=hashes)
+        contents += list(zip(keys, hashes.tolist()))
+    seen, expected = set(), set()
+    for key, h in contents:
+        (expected.add(key) if h in seen else seen.add(h))
+    for rank in range(world):
+        write_partition(files, rank, world)
+    partitions = [partition_path(files, r, world) for r in range(world)]
+    assert sum(len(np.load(p)) for p in partitions) == len(expected)
+    dropped = set()
+    for rank in range(world):  # each rank asks for its own input files only
+        for keys in duplicate_keys(files, files[rank::world], partitions).values():
+            dropped |= keys
+    assert dropped == expected
