@@ -5,8 +5,9 @@ splits layers (named `{layer index}.{name}` by PipelineModule), and ZeRO splits 
 masters and Adam moments over data-parallel ranks. `DeepSpeedCheckpoint` undoes all three from the
 files alone (one process, no GPUs, any saved world size), one full tensor at a time under the
 canonical names of the single-process `Transformer`, with the shards memory-mapped (so memory holds
-one parameter, not the checkpoint); `tp_slice` cuts them again for one rank of another layout. DESIGN §6: DeepSpeed's universal checkpoints fail to load ZeRO-3 with TP > 1 and
-across ZeRO stages, so Loom reads the shards itself, for every layout alike.
+one parameter, not the checkpoint); `tp_slice` cuts them again for one rank of another layout.
+DESIGN §6: DeepSpeed's universal checkpoints fail to load ZeRO-3 with TP > 1 and across ZeRO
+stages, so Loom reads the shards itself, for every layout alike.
 
 Which dimension tensor parallelism splits, by parameter:
     column-parallel (dim 0): embedding and output rows (vocabulary), fused qkv (grouped by kv
