@@ -28,6 +28,7 @@ import torch
 from common.checkpoint_folders import CheckpointError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+TESTED_DEEPSPEED = "0.19"  # the checkpoint layout and the ZeRO internals below and in portable.py
 ROW_PARALLEL = ("attn.out.weight", "mlp.down.weight")
 REPLICATED = ("attn_norm.weight", "mlp_norm.weight")
 
@@ -132,18 +133,25 @@ class DeepSpeedCheckpoint:
         ckpt = Path(ckpt)
         if zero_stage not in (1, 2, 3):
             raise CheckpointError(f"{ckpt}: ZeRO stage {zero_stage} checkpoints are not supported (use 1, 2 or 3)")
-        self.pieces: dict[str, list] = {}  # canonical name -> its piece on each TP rank
-        steps = set()
-        for stage in range(pp):
-            for t in range(tp):
-                mp_rank = stage * tp + t
-                pieces, step = _zero3_pieces(ckpt, t, dp) if zero_stage == 3 else _zero12_pieces(ckpt, mp_rank, dp)
-                steps.add(step)
-                for local, piece in pieces.items():
-                    self.pieces.setdefault(canonical_name(local, n_layers, pp > 1), [None] * tp)[t] = piece
         model_file = ckpt / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if zero_stage == 3
                              else "mp_rank_00_model_states.pt")
         model_state = _load(model_file)
+        self.pieces: dict[str, list] = {}  # canonical name -> its piece on each TP rank
+        steps = set()
+        try:
+            for stage in range(pp):
+                for t in range(tp):
+                    mp_rank = stage * tp + t
+                    pieces, step = (_zero3_pieces(ckpt, t, dp) if zero_stage == 3
+                                    else _zero12_pieces(ckpt, mp_rank, dp))
+                    steps.add(step)
+                    for local, piece in pieces.items():
+                        self.pieces.setdefault(canonical_name(local, n_layers, pp > 1), [None] * tp)[t] = piece
+        except (KeyError, AttributeError, IndexError) as e:  # the files' layout is DeepSpeed's, not a public format
+            raise CheckpointError(
+                f"{ckpt}: its ZeRO-{zero_stage} files lack {e!r}: they were written by DeepSpeed "
+                f"{model_state.get('ds_version', '(unknown)')}, and Loom reads the layout of DeepSpeed "
+                f"{TESTED_DEEPSPEED} (pyproject.toml's range)") from None
         self.optimizer_step = int(steps.pop())
         self.engine = {k: model_state[k] for k in ("lr_scheduler", "global_steps", "global_samples", "skipped_steps")}
 

@@ -30,13 +30,14 @@ import torch
 import torch.distributed as dist
 
 from . import accelerator  # noqa: F401  (before DeepSpeed)
+import deepspeed  # noqa: E402
 from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 from megatron.core import parallel_state
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common.checkpoint_folders import CheckpointError
-from .consolidate import MOMENTS, DeepSpeedCheckpoint, canonical_name, tp_slice
+from .consolidate import MOMENTS, TESTED_DEEPSPEED, DeepSpeedCheckpoint, canonical_name, tp_slice
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -141,6 +142,10 @@ def _ensure_optimizer_states(engine, step: int) -> None:
             if not base.state.get(flat):
                 base.state[flat] = {"step": torch.zeros((), dtype=torch.float32, device=flat.device),
                                     "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+        if not hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # a private method of DeepSpeed's ZeRO-1/2
+            raise CheckpointError(f"DeepSpeed {deepspeed.__version__}'s ZeRO optimizer has no "
+                                  f"_lazy_init_hp_params_optimizer_state: Loom loads checkpoints through the "
+                                  f"internals of DeepSpeed {TESTED_DEEPSPEED}; install that version")
         zero._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()
     for state in base.state.values():

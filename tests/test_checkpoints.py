@@ -154,3 +154,17 @@ def test_a_rank_killed_while_saving_leaves_the_previous_checkpoint(world, tmp_pa
     assert report.returncode == 1 and "does not match its sha256" in json.loads(report.stdout)["manifest"]
     manifest = json.loads((ckpt / MANIFEST).read_text())["files"]
     assert victim.name in manifest and "loom_state.json" in manifest and "config.yaml" in manifest
+
+
+def test_shards_of_another_deepspeed_layout_are_refused_with_its_version(tmp_path):
+    """Loom reads DeepSpeed's own checkpoint layout; files of another layout name the version that wrote them."""
+    import torch
+
+    from common.checkpoint_folders import CheckpointError
+    from pretrain.consolidate import DeepSpeedCheckpoint
+
+    torch.save({"param_shapes": [{"w": (2, 2)}], "ds_version": "0.99.0"}, tmp_path / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {"renamed_partitions": []}},
+               tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(CheckpointError, match="written by DeepSpeed 0.99.0, and Loom reads the layout of DeepSpeed 0.19"):
+        DeepSpeedCheckpoint(tmp_path, 1, 1, 1, 1, 2)
