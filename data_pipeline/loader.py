@@ -122,7 +122,11 @@ class SourceReader:
             return self._built[i]
         shard = self.source.shards[i]
         expected = None if self.source.shard_bytes is None else self.source.shard_bytes[i]
-        size = shard.stat().st_size if shard.exists() else None
+        if not shard.exists():
+            warn(f"{shard} is missing: its documents are skipped")
+            self._built[i] = np.zeros(0, [("key", "S1")])
+            return self._built[i]
+        size = shard.stat().st_size
         if expected is not None and size != expected:
             warn(f"{shard} has {size} bytes, its manifest says {expected}: the shard changed since it was written, "
                  f"so its index is rebuilt from the tar headers and documents it no longer holds are skipped")
@@ -135,7 +139,7 @@ class SourceReader:
                 self._warned_unindexed = True
                 warn(f"{self.source.path}: shards without a matching index (first {shard.name}) are indexed on first "
                      f"use; `loom data index {self.source.path}` writes them all once")
-        index, error = build_index(shard) if size is not None else (np.zeros(0, [("key", "S1")]), f"{shard}: missing")
+        index, error = build_index(shard)
         if error:
             warn(f"{error}; the rest of the shard is skipped")
         elif expected in (None, size) and save_index(shard, index):
@@ -148,10 +152,12 @@ class SourceReader:
         if i in self._open:
             self._open.move_to_end(i)
             return self._open[i]
-        self._open[i] = (self._index(i), open(self.source.shards[i], "rb"))
+        index = self._index(i)
+        self._open[i] = (index, open(self.source.shards[i], "rb") if len(index) else None)
         if len(self._open) > OPEN_SHARDS:
             _, (_, handle) = self._open.popitem(last=False)
-            handle.close()
+            if handle is not None:
+                handle.close()
         return self._open[i]
 
     def _locate(self, g: int) -> tuple[int, int]:

@@ -166,5 +166,6 @@ def test_shards_of_another_deepspeed_layout_are_refused_with_its_version(tmp_pat
     torch.save({"param_shapes": [{"w": (2, 2)}], "ds_version": "0.99.0"}, tmp_path / "mp_rank_00_model_states.pt")
     torch.save({"optimizer_state_dict": {"renamed_partitions": []}},
                tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    with pytest.raises(CheckpointError, match="written by DeepSpeed 0.99.0, and Loom reads the layout of DeepSpeed 0.19"):
+    with pytest.raises(CheckpointError, match="written by DeepSpeed 0.99.0, and Loom reads the layout of "
+                                              "DeepSpeed 0.19"):
         DeepSpeedCheckpoint(tmp_path, 1, 1, 1, 1, 2)

@@ -248,8 +248,9 @@ def test_lazy_indexed_loading_gives_the_batches_of_the_tar_header_index(source, 
 
 
 def test_a_rewritten_shard_is_named_and_its_index_rebuilt(source, world, tmp_path, capsys):
-    """A shard replaced by a shorter one after its manifest and index were written: the loader names it, reads it
-    through a rebuilt index, and skips and counts the documents it no longer holds; the run goes on."""
+    """A shard replaced by a shorter one after its manifest and index were written, and another deleted: the
+    loader names both, reads the first through a rebuilt index, and skips and counts the documents they no longer
+    hold; the run goes on."""
     import shutil
 
     src, vocabulary = source
@@ -261,6 +262,7 @@ def test_a_rewritten_shard_is_named_and_its_index_rebuilt(source, world, tmp_pat
     with ShardWriter(folder, shard.stem, max_count=None) as w:
         for sample in samples:
             w.write(sample)
+    (folder / src.shards[1].name).unlink()
     loader = TokenLoader([Source.open("shapes", folder, 1.0)], vocabulary, seq_len=48, global_batch_size=8,
                          micro_batch_size=8, seed=3)
     for _ in range(60):  # more than an epoch (160 documents)
@@ -268,6 +270,7 @@ def test_a_rewritten_shard_is_named_and_its_index_rebuilt(source, world, tmp_pat
     err = capsys.readouterr().err
     assert f"{shard} has " in err and "its index is rebuilt" in err
     assert "document #5 is missing" in err and loader.skipped() > 0
+    assert f"{folder / src.shards[1].name} is missing: its documents are skipped" in err
 
 
 def test_loom_data_index_writes_the_indexes_and_counts_of_old_shards(source, world, tmp_path, capsys):
