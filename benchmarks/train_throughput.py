@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from common.config import build  # noqa: E402
+from pretrain.attention import dense_document_mask, single_document_rows  # noqa: E402
 from pretrain.config import TrainConfig  # noqa: E402
 from pretrain.flops import flops_per_token, matmul_params, measure_peak_tflops  # noqa: E402
 
@@ -86,10 +87,8 @@ def hf_inputs(batch: dict) -> dict:
     """What transformers needs for the same loss: positions per document and, for packed rows, the 4D
     document-causal mask (True: attend), which transformers uses as given."""
     inputs = {"input_ids": batch["tokens"], "position_ids": batch["positions"], "labels": batch["tokens"]}
-    doc_ids = batch["doc_ids"]
-    if bool((doc_ids != doc_ids[:, :1]).any()):
-        causal = torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
-        inputs["attention_mask"] = (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None] & causal
+    if not single_document_rows(batch["doc_ids"]):
+        inputs["attention_mask"] = dense_document_mask(batch["doc_ids"])  # the mask Loom's sdpa kernel takes
     return inputs
 
 
