@@ -105,7 +105,8 @@ def fit_approach2(budgets, n, loss) -> dict:
         log_n = np.log(n[sel])
         p2, p1, p0 = np.polyfit(log_n, loss[sel], 2)
         log_n_opt = -p1 / (2 * p2) if p2 > 0 else np.inf
-        if not log_n.min() <= log_n_opt <= log_n.max():
+        best = log_n[np.argmin(loss[sel])]
+        if not (log_n.min() <= log_n_opt <= log_n.max() and log_n.min() < best < log_n.max()):
             skipped.append(f"{c:.3g}: the sizes do not bracket the minimum")  # an extrapolated optimum
             continue
         minima.append({"budget_flops": float(c), "N_opt": float(np.exp(log_n_opt)),

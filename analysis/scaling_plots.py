@@ -1,4 +1,5 @@
-"""PNG plots of a scaling-law fit: loss vs compute with the fitted frontier, isoFLOP curves, fitted vs observed."""
+"""PNG plots of a scaling-law fit: loss vs compute with the fitted frontier, isoFLOP curves, fitted vs observed,
+and predicted vs observed on held-out budgets."""
 
 from __future__ import annotations
 
@@ -50,6 +51,27 @@ def plot_kind(out: Path, kind: str, rows: list[dict], n, d, loss, entry: dict, b
     ax.plot([lo, hi], [lo, hi], "k--")
     ax.set(xlabel="observed loss", ylabel="fitted L(N, D)", title=f"{kind}: fitted vs observed")
     paths.append(_save(fig, out / f"fit_vs_observed_{kind}.png"))
+
+    validation = entry.get("validation", {})
+    if "rollout" in validation:
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        held = [("rollout", validation["rollout"], "o")] + \
+            [("left out", r, "x") for r in validation.get("leave_one_budget_out", [])]
+        values = []
+        for label, result, marker in held:
+            observed = [p["observed"] for p in result["points"]]
+            predicted = [p["predicted"] for p in result["points"]]
+            values += observed + predicted
+            ax.scatter(observed, predicted, marker=marker,
+                       label=f"{label}: C = {result['held_out_budget']:.2g} ({result['mean_abs_relative_error']:.1%})")
+        lo, hi = min(values), max(values)
+        ax.plot([lo, hi], [lo, hi], "k--")
+        t = validation["threshold"]
+        ax.fill_between([lo, hi], [lo * (1 - t), hi * (1 - t)], [lo * (1 + t), hi * (1 + t)], color="grey", alpha=0.2,
+                        label=f"within {t:.0%}")
+        ax.set(xlabel="observed loss", ylabel="predicted from the other budgets", title=f"{kind}: held-out budgets")
+        ax.legend(fontsize=6)
+        paths.append(_save(fig, out / f"validation_{kind}.png"))
     return paths
 
 

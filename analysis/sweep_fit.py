@@ -1,5 +1,5 @@
-"""`loom sweep fit`: every loss kind of a sweep's results fitted (analysis/scaling.py), plotted
-(analysis/scaling_plots.py) and written to report.json."""
+"""`loom sweep fit`: every loss kind of a sweep's results fitted (analysis/scaling.py), validated on held-out
+budgets (analysis/scaling_validation.py), plotted (analysis/scaling_plots.py) and written to report.json."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .mixed_modal import fit_bimodal
 from .scaling import FitError, fit_approach2, fit_approach3, optimal_allocation
 from .scaling_plots import plot_kind
+from .scaling_validation import DEFAULT_THRESHOLD, validate_law
 
 
 def load_results(path: str | Path) -> list[dict]:
@@ -27,22 +29,69 @@ def losses(row: dict) -> tuple[dict, str]:
     return (row["eval_loss"], "eval") if row.get("eval_loss") else (row["final_loss"], "train")
 
 
+def trained_rows(rows: list[dict], min_steps: int, log=print) -> tuple[list[dict], list[str]]:
+    """The rows of points that trained at least `min_steps` steps; the others are listed and left out (a point of
+    a few steps measures the optimizer's first steps, not a model size)."""
+    left_out = [f"{r['name']}: {r['steps']} steps < {min_steps}" for r in rows if r["steps"] < min_steps]
+    for note in left_out:
+        log(f"sweep fit: left out {note}")
+    kept = [r for r in rows if r["steps"] >= min_steps]
+    if not kept:
+        raise FitError(f"no point trained {min_steps} steps or more (lower --min-steps to fit them anyway)")
+    return kept, left_out
+
+
 def fit_sweep(results: str | Path, out: str | Path, budget: float | None = None, params: str = "N",
-              bootstrap: int = 100, log=print) -> dict:
-    """Fit every loss kind of a results table; writes report.json and PNG plots into `out`."""
-    rows = load_results(results)
+              bootstrap: int = 100, min_steps: int = 100, threshold: float = DEFAULT_THRESHOLD, log=print) -> dict:
+    """Fit and validate every loss kind of a results table (per mixture where the sweep has a mixture axis, plus
+    the bimodal law across mixtures); writes report.json and PNG plots into `out`."""
+    rows, left_out = trained_rows(load_results(results), min_steps, log)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    report = {"results": str(results), "points": len(rows), "params": params, "min_steps": min_steps,
+              "left_out": left_out, "loss_source": sorted({losses(r)[1] for r in rows})}
+    mixtures = sorted({r.get("mixture") or "" for r in rows})
+    if mixtures == [""]:
+        report["kinds"] = fit_kinds(rows, out, "", budget, params, bootstrap, threshold, log)
+    else:
+        report["mixtures"] = {m: {"image_share": next(r.get("image_share") for r in rows if r.get("mixture") == m),
+                                  "kinds": fit_kinds([r for r in rows if r.get("mixture") == m], out, m, budget,
+                                                     params, bootstrap, threshold, log)}
+                              for m in mixtures}
+        try:
+            report["bimodal"] = fit_bimodal(rows, params=params)
+            f = report["bimodal"]["interaction"]
+            log(f"sweep fit [bimodal text-image]: C {f['C']:.3f} A {f['A']:.3g} alpha {f['alpha']:.3f} "
+                f"B {f['B']:.3g} beta {f['beta']:.3f}; fits the mixed runs within "
+                f"{report['bimodal']['mean_abs_relative_error']:.1%} (mean)")
+        except FitError as e:
+            report["bimodal"] = {"error": str(e)}
+            log(f"sweep fit [bimodal]: not fitted: {e}")
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    log(f"sweep fit: {len(rows)} points, {len(mixtures)} mixture(s) -> {out / 'report.json'}")
+    return report
+
+
+def fit_kinds(rows: list[dict], out: Path, mixture: str, budget: float | None, params: str, bootstrap: int,
+              threshold: float, log=print) -> dict:
+    """Approach 3 (with validation on held-out budgets) and approach 2 per loss kind of one mixture's rows."""
     kinds = sorted(set.intersection(*(set(losses(r)[0]) for r in rows)))
-    report = {"results": str(results), "points": len(rows), "params": params,
-              "loss_source": sorted({losses(r)[1] for r in rows}), "kinds": {}}
     n = np.array([r[params] for r in rows], dtype=np.float64)
     d = np.array([r["D"] for r in rows], dtype=np.float64)
     isoflop = [r["budget"].startswith("flops=") for r in rows]
     budgets = np.array([float(r["budget"].split("=")[1]) if iso else np.nan for r, iso in zip(rows, isoflop)])
+    budget_values = np.array([float(r["budget"].split("=")[1]) for r in rows])
+    fitted = {}
     for kind in kinds:
+        name = f"{mixture}/{kind}" if mixture else kind
         loss = np.array([losses(r)[0][kind] for r in rows])
-        entry = {"approach3": fit_approach3(n, d, loss, bootstrap)}
+        try:
+            entry = {"approach3": fit_approach3(n, d, loss, bootstrap),
+                     "validation": validate_law(n, d, loss, budget_values, threshold)}
+        except FitError as e:
+            fitted[kind] = {"error": str(e)}
+            log(f"sweep fit [{name}]: not fitted: {e}")
+            continue
         if all(isoflop):
             try:
                 entry["approach2"] = fit_approach2(budgets, n, loss)
@@ -50,15 +99,22 @@ def fit_sweep(results: str | Path, out: str | Path, budget: float | None = None,
                 entry["approach2"] = {"error": str(e)}
         if budget:
             entry["optimal"] = optimal_allocation(entry["approach3"], budget)
-        entry["plots"] = plot_kind(out, kind, rows, n, d, loss, entry, budgets if all(isoflop) else None)
-        report["kinds"][kind] = entry
+        entry["plots"] = plot_kind(out, name.replace("/", "_"), rows, n, d, loss, entry,
+                                   budgets if all(isoflop) else None)
+        fitted[kind] = entry
         f = entry["approach3"]
-        log(f"sweep fit [{kind}]: E {f['E']:.3f} A {f['A']:.3g} alpha {f['alpha']:.3f} B {f['B']:.3g} "
+        log(f"sweep fit [{name}]: E {f['E']:.3f} A {f['A']:.3g} alpha {f['alpha']:.3f} B {f['B']:.3g} "
             f"beta {f['beta']:.3f}; N_opt ~ C^{f['n_exponent']:.3f}"
             + (f"; approach 2: N_opt ~ C^{entry['approach2']['n_exponent']:.3f}"
                if "n_exponent" in entry.get("approach2", {}) else "")
             + (f"; at {budget:.3g} FLOPs: N {entry['optimal']['N']:.3g}, D {entry['optimal']['D']:.3g}"
                if budget else ""))
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    log(f"sweep fit: {len(rows)} points, {len(kinds)} loss kinds -> {out / 'report.json'}")
-    return report
+        log(f"sweep fit [{name}]: {entry['validation']['summary']}")
+    return fitted
+
+
+def laws_that_do_not_predict(report: dict) -> list[str]:
+    """The loss kinds (mixture/kind with a mixture axis) whose held-out validation failed."""
+    groups = {m: g["kinds"] for m, g in report["mixtures"].items()} if "mixtures" in report else {"": report["kinds"]}
+    return [f"{m}/{k}" if m else k for m, kinds in groups.items() for k, e in kinds.items()
+            if e.get("validation", {}).get("passed") is False]

@@ -16,10 +16,23 @@ def cmd_quickstart(args) -> int:
 def cmd_synth(args) -> int:
     from tqdm import tqdm
 
-    from data_pipeline.shapes import WorldSpec, write_world
+    from data_pipeline.shapes import DOC_KINDS, WorldSpec, write_world
 
+    mix = WorldSpec.mix
+    if args.mix:
+        parts = args.mix.split(",")
+        if not all("=" in part for part in parts):
+            raise SystemExit(f"loom data synth: --mix {args.mix!r} is not KIND=WEIGHT[,KIND=WEIGHT...], e.g. text=1")
+        weights = dict(part.split("=", 1) for part in parts)
+        unknown = set(weights) - set(DOC_KINDS)
+        if unknown:
+            raise SystemExit(f"loom data synth: --mix names unknown kinds {sorted(unknown)}; "
+                             f"kinds: {', '.join(DOC_KINDS)}")
+        mix = tuple(float(weights.get(kind, 0)) for kind in DOC_KINDS)
+        if sum(mix) <= 0:
+            raise SystemExit("loom data synth: --mix gives every kind weight 0")
     with tqdm(total=args.docs, desc="synth", unit="doc", disable=None) as bar:
-        summary = write_world(args.out, args.docs, args.seed, WorldSpec(image_size=args.image_size),
+        summary = write_world(args.out, args.docs, args.seed, WorldSpec(image_size=args.image_size, mix=mix),
                               args.docs_per_shard, progress=bar)
     print(f"synth: wrote {summary['documents']} documents ({summary['by_kind']}) in "
           f"{summary['shards']} shards to {args.out}")
@@ -146,6 +159,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--docs-per-shard", type=int, default=500)
+    p.add_argument("--mix", default=None, help="document kinds and weights, e.g. text=1 or image=1,interleaved=1 "
+                                              "(default: image 0.45, video 0.15, interleaved 0.15, text 0.25)")
     p.set_defaults(func=cmd_synth)
 
     p = data.add_parser("text-tokenizer", help="train the sentencepiece BPE text tokenizer on raw shards")

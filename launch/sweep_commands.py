@@ -22,10 +22,11 @@ def cmd_sweep_collect(args) -> int:
 def cmd_sweep_fit(args) -> int:
     from pathlib import Path
 
-    from analysis.sweep_fit import fit_sweep
+    from analysis.sweep_fit import fit_sweep, laws_that_do_not_predict
 
-    fit_sweep(args.results, args.out or Path(args.results).parent / "fit", args.budget, args.params, args.bootstrap)
-    return 0
+    report = fit_sweep(args.results, args.out or Path(args.results).parent / "fit", args.budget, args.params,
+                       args.bootstrap, args.min_steps, args.threshold)
+    return 3 if args.strict and laws_that_do_not_predict(report) else 0
 
 
 def add_parsers(sub) -> None:
@@ -46,4 +47,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--params", choices=["N", "N_non_embedding"], default="N",
                    help="parameter count to fit: all (Chinchilla) or without embeddings (Kaplan)")
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--min-steps", type=int, default=100,
+                   help="points that trained fewer steps are listed and left out of the fits (default 100)")
+    p.add_argument("--threshold", type=float, default=0.05,
+                   help="held-out error (mean |predicted/observed - 1| on the largest budget) above which the law "
+                        "is reported as not predicting (default 0.05)")
+    p.add_argument("--strict", action="store_true", help="exit with status 3 when a loss kind's law does not predict")
     p.set_defaults(func=cmd_sweep_fit)

@@ -63,7 +63,8 @@ class ModelConfig:
 @dataclass
 class SourceConfig:
     path: str = doc("Directory of token shards (with manifest.json) written by `loom data tokenize`.")
-    weight: float = doc("Mixing weight: this source's share of the training tokens (weights are normalised).", 1.0)
+    weight: float = doc("Mixing weight: this source's share of the training tokens (weights are normalised; 0 "
+                        "turns the source off, e.g. at one end of a mixture sweep).", 1.0)
 
 
 @dataclass
@@ -258,8 +259,11 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
                           "data.sources.shapes.path=runs/quickstart/tokens")
     for section, sources in (("data", d.sources), ("eval", cfg.eval.sources)):
         for name, src in sources.items():
-            if src.weight <= 0:
-                raise ConfigError(f"{section}.sources.{name}.weight must be > 0, got {src.weight}")
+            if src.weight < 0:
+                raise ConfigError(f"{section}.sources.{name}.weight must be >= 0 (0: the source is off), "
+                                  f"got {src.weight}")
+        if sources and not any(src.weight > 0 for src in sources.values()):
+            raise ConfigError(f"{section}.sources: every weight is 0; give at least one source a weight > 0")
     interval, every = cfg.samples.interval, cfg.checkpoint.interval
     if interval < 0 or (interval and (not every or interval % every)):
         raise ConfigError(f"samples.interval ({interval}) must be 0 or a multiple of checkpoint.interval ({every}): "

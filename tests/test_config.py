@@ -105,6 +105,22 @@ def test_the_tokenize_recipe_loads_and_validates(tmp_path):
     assert cfg.sources[0].filters.geometry(cfg.geometry).min_side == 128 and cfg.geometry.mode == "budget"
 
 
+@pytest.mark.parametrize("name,sources", [("sweep_world", ["tokens", "heldout_tokens"]),
+                                          ("mixture_world", ["text", "images", "heldout_text", "heldout_images"])])
+def test_the_sweep_data_recipes_load_and_validate(name, sources, tmp_path):
+    """The worlds the sweep recipes train on (their synth commands are in each file's header)."""
+    from data_pipeline.tokenize_config import load_tokenize_config
+
+    (tmp_path / "t.model").write_bytes(b"")
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "tokenize" / f"{name}.yaml"
+    overrides = [f"text_tokenizer={tmp_path / 't.model'}", f"visual_tokenizer={tmp_path}"]
+    cfg = load_tokenize_config(recipe, overrides)
+    assert [s.name for s in cfg.sources] == sources and all(s.format == "loom" for s in cfg.sources)
+    assert cfg.geometry.mode == "crop" and cfg.geometry.size == 64  # the quickstart's image size
+    header = [line[4:] for line in recipe.read_text().splitlines() if line.startswith("#   loom data synth")]
+    assert header and all("--image-size 64" in line or "--mix text=1" in line for line in header)
+
+
 def test_visual_tokenizer_config_errors_name_the_field(tmp_path):
     from data_pipeline.vq_config import load_vq_config
 
@@ -114,3 +130,14 @@ def test_visual_tokenizer_config_errors_name_the_field(tmp_path):
         field = override.split("=")[0]
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             load_vq_config(None, [raw, override] if field != "data.raw" else [override], world_size=2)
+
+
+def test_a_source_weight_of_zero_turns_it_off_but_not_every_source():
+    """A mixture sweep's ends train on one source of two: weight 0 is allowed, all zero or negative is not."""
+    two = ["data.sources.text.path=/data/text", "data.sources.images.path=/data/images"]
+    cfg = load_config(None, two + ["data.sources.text.weight=0"])
+    assert cfg.data.sources["text"].weight == 0
+    with pytest.raises(ConfigError, match=r"data.sources: every weight is 0"):
+        load_config(None, two + ["data.sources.text.weight=0", "data.sources.images.weight=0"])
+    with pytest.raises(ConfigError, match=r"data.sources.text.weight must be >= 0"):
+        load_config(None, two + ["data.sources.text.weight=-1"])

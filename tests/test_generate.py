@@ -134,6 +134,50 @@ def test_shapes_scorer_is_right_on_rendered_truth_and_near_zero_on_noise(size):
         assert np.mean(noise) <= chance, category
 
 
+def contradict(item: dict, rng) -> list[dict]:
+    """The objects of `item` changed in exactly the attribute its category checks."""
+    import copy
+
+    from analysis.shapes_eval import COLOR_NAMES
+    from data_pipeline.shapes import POSITIONS, SHAPES, group_objects
+
+    objects, expect = copy.deepcopy(item["objects"]), item["expect"]
+    category = item["category"]
+    if category == "single_object":  # another shape
+        objects[0]["shape"] = rng.choice([s for s in SHAPES if s != expect["shape"]])
+    elif category == "two_objects":  # the second object of a shape the prompt does not name
+        objects[1]["shape"] = next(s for s in SHAPES if s not in expect["shapes"])
+    elif category == "counting":  # one object more or fewer, same shape, color and place
+        cx, cy = (np.mean([o[axis] for o in objects]) for axis in ("cx", "cy"))  # the group's place
+        position = min(POSITIONS, key=lambda p: abs(POSITIONS[p][0] - cx) + abs(POSITIONS[p][1] - cy))
+        objects = group_objects(rng, objects[0]["shape"], objects[0]["color"], 3 if len(objects) == 2 else 2, position)
+    elif category == "colors":  # another color
+        for o in objects:
+            o["color"] = rng.choice([c for c in COLOR_NAMES if c != expect["color"]])
+    elif category == "position":  # the two objects swap places
+        for axis in ("cx", "cy"):
+            objects[0][axis], objects[1][axis] = objects[1][axis], objects[0][axis]
+    elif category == "color_attribution":  # the two shapes swap colors
+        objects[0]["color"], objects[1]["color"] = objects[1]["color"], objects[0]["color"]
+    return objects
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_shapes_scorer_fails_renderings_that_contradict_the_prompt(size):
+    """Negative controls: a scorer that ignored shape, count, color or position would pass the truth and
+    noise; here every category's one contradicted attribute must score 0."""
+    import random
+
+    from data_pipeline.shapes import render
+    from analysis.shapes_eval import CATEGORIES, detect_objects, make_prompts, score
+
+    rng = random.Random(size)
+    for category in CATEGORIES:
+        items = make_prompts(category, 40, seed=size + 1)
+        wrong = [score(it, detect_objects(render(contradict(it, rng), size))) for it in items]
+        assert not any(wrong), (category, [it["prompt"] for it, ok in zip(items, wrong) if ok][:3])
+
+
 @pytest.mark.slow
 def test_generate_command_and_background_shapes_eval_on_a_tp2_pp2_checkpoint(sources, tmp_path):
     from PIL import Image

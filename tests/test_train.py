@@ -43,6 +43,15 @@ def test_chameleon_preset_trains_with_z_loss(world, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     records = train_losses(out)
     assert len(records) == 3 and all(r[1]["total"] > 0 for r in records)
+    # the logged loss is the cross-entropy; the z-loss reaches the gradients: the same run without it logs the
+    # same first step (same weights, same data) and different later steps
+    plain = tmp_path / "cham_no_z"
+    args = train_args(world, plain, "model.preset=chameleon", "model.z_loss=0", "schedule.steps=3")
+    args[1] = REPO / "configs" / "chameleon_tiny.yaml"
+    assert run_loom(*args).returncode == 0
+    without = train_losses(plain)
+    assert abs(records[0][1]["total"] - without[0][1]["total"]) <= 1e-6 * without[0][1]["total"]
+    assert records[0][2] != without[0][2] and records[2][1]["total"] != without[2][1]["total"]
 
 
 @pytest.mark.slow
