@@ -86,6 +86,9 @@ def predict(fit: dict, n, d) -> np.ndarray:
 def optimal_allocation(fit: dict, budget: float) -> dict:
     """Compute-optimal N and D for `budget` FLOPs under C = 6 N D (approach 3)."""
     alpha, beta = fit["alpha"], fit["beta"]
+    if min(alpha, beta, fit["A"], fit["B"]) <= 0:
+        raise FitError(f"no compute-optimal allocation: the fitted loss does not fall with both N and D "
+                       f"(alpha {alpha:.3g}, beta {beta:.3g}, A {fit['A']:.3g}, B {fit['B']:.3g})")
     g = (alpha * fit["A"] / (beta * fit["B"])) ** (1 / (alpha + beta))
     n_opt = g * (budget / 6) ** (beta / (alpha + beta))
     d_opt = (budget / 6) ** (alpha / (alpha + beta)) / g

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .scaling import optimal_allocation, predict
+from .scaling import FitError, optimal_allocation, predict
 
 
 def plot_kind(out: Path, kind: str, rows: list[dict], n, d, loss, entry: dict, budgets) -> list[str]:
@@ -24,7 +24,10 @@ def plot_kind(out: Path, kind: str, rows: list[dict], n, d, loss, entry: dict, b
     points = ax.scatter(compute, loss, c=np.log10(n), cmap="viridis")
     fig.colorbar(points, label="log10 N")
     grid = np.logspace(np.log10(compute.min()) - 0.5, np.log10(compute.max()) + 1, 50)
-    ax.plot(grid, [optimal_allocation(fit, c)["loss"] for c in grid], "k--", label="compute-optimal (approach 3)")
+    try:
+        ax.plot(grid, [optimal_allocation(fit, c)["loss"] for c in grid], "k--", label="compute-optimal (approach 3)")
+    except FitError:
+        pass  # a degenerate fit (the loss does not fall with N or with D) has no frontier to draw
     ax.set(xscale="log", xlabel="training FLOPs C", ylabel=f"{kind} loss", title=f"{kind}: loss vs compute")
     ax.legend()
     paths.append(_save(fig, out / f"loss_vs_compute_{kind}.png"))

@@ -98,7 +98,10 @@ def fit_kinds(rows: list[dict], out: Path, mixture: str, budget: float | None, p
             except FitError as e:
                 entry["approach2"] = {"error": str(e)}
         if budget:
-            entry["optimal"] = optimal_allocation(entry["approach3"], budget)
+            try:
+                entry["optimal"] = optimal_allocation(entry["approach3"], budget)
+            except FitError as e:
+                entry["optimal"] = {"error": str(e)}
         entry["plots"] = plot_kind(out, name.replace("/", "_"), rows, n, d, loss, entry,
                                    budgets if all(isoflop) else None)
         fitted[kind] = entry
@@ -108,7 +111,7 @@ def fit_kinds(rows: list[dict], out: Path, mixture: str, budget: float | None, p
             + (f"; approach 2: N_opt ~ C^{entry['approach2']['n_exponent']:.3f}"
                if "n_exponent" in entry.get("approach2", {}) else "")
             + (f"; at {budget:.3g} FLOPs: N {entry['optimal']['N']:.3g}, D {entry['optimal']['D']:.3g}"
-               if budget else ""))
+               if budget and "N" in entry["optimal"] else ""))
         log(f"sweep fit [{name}]: {entry['validation']['summary']}")
     return fitted
 

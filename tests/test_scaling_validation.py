@@ -169,3 +169,24 @@ def test_bimodal_law_needs_unimodal_and_mixed_runs():
     rows = [{"N": 1e7, "D": 1e9, "image_share": 0.5, "eval_loss": {"text": 2.0, "image": 3.0}}]
     with pytest.raises(ValueError, match="image share 0"):
         fit_bimodal(rows)
+
+
+def test_a_loss_that_does_not_fall_with_data_has_no_optimal_allocation_but_still_fits(tmp_path):
+    """A kind a mixture never trains on (the image loss of a text-only run) fits to beta ~ 0; the fit reports
+    that instead of dividing by zero, and `loom sweep fit --budget` still writes its report."""
+    from analysis.scaling import FitError, optimal_allocation
+
+    with pytest.raises(FitError, match="does not fall with both N and D"):
+        optimal_allocation({"E": 1.0, "A": 10.0, "alpha": 0.3, "B": 5.0, "beta": 0.0}, 1e20)
+    n, d, loss, budgets = isoflop_points(np.logspace(18, 20, 3))
+    flat = law(n, d, b=0.0)  # no dependence on D at all
+    rows = [{"name": f"p{i}", "budget": f"flops={c:.3g}", "steps": 200, "N": a, "N_non_embedding": a, "D": b,
+             "C": c, "final_loss": {"total": float(v)}, "eval_loss": {"total": float(v)}}
+            for i, (a, b, v, c) in enumerate(zip(n, d, flat, budgets))]
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fit = run_loom("sweep", "fit", results, "--bootstrap", "5", "--budget", "1e21")
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    report = json.loads((tmp_path / "fit" / "report.json").read_text())
+    fitted = report["kinds"]["total"]["approach3"]
+    assert fitted["B"] / d.min() ** fitted["beta"] < 1e-3  # the fit found no dependence on D
