@@ -96,6 +96,20 @@ def optimal_allocation(fit: dict, budget: float) -> dict:
             "loss": float(predict(fit, n_opt, d_opt))}
 
 
+def isoflop_minimum(n, loss) -> tuple[float, list[float]] | None:
+    """(log N_opt, parabola coefficients) of one isoFLOP curve: the vertex of the parabola of loss in log N,
+    or None when the sizes do not bracket it (the best point is the smallest or largest size, or the vertex
+    lies outside the sizes: an extrapolated optimum)."""
+    n, loss = np.asarray(n, dtype=np.float64), np.asarray(loss, dtype=np.float64)
+    log_n = np.log(n)
+    p2, p1, p0 = np.polyfit(log_n, loss, 2)
+    log_n_opt = -p1 / (2 * p2) if p2 > 0 else np.inf
+    best = log_n[np.argmin(loss)]
+    if not (log_n.min() <= log_n_opt <= log_n.max() and log_n.min() < best < log_n.max()):
+        return None
+    return float(log_n_opt), [float(p2), float(p1), float(p0)]
+
+
 def fit_approach2(budgets, n, loss) -> dict:
     """Per-budget parabolas in log N -> N_opt(C) = k C^a, D_opt(C) = C / (6 N_opt) = k' C^b."""
     budgets, n, loss = (np.asarray(v, dtype=np.float64) for v in (budgets, n, loss))
@@ -105,16 +119,14 @@ def fit_approach2(budgets, n, loss) -> dict:
         if len(np.unique(n[sel])) < 3:
             skipped.append(f"{c:.3g}: fewer than 3 sizes")
             continue
-        log_n = np.log(n[sel])
-        p2, p1, p0 = np.polyfit(log_n, loss[sel], 2)
-        log_n_opt = -p1 / (2 * p2) if p2 > 0 else np.inf
-        best = log_n[np.argmin(loss[sel])]
-        if not (log_n.min() <= log_n_opt <= log_n.max() and log_n.min() < best < log_n.max()):
-            skipped.append(f"{c:.3g}: the sizes do not bracket the minimum")  # an extrapolated optimum
+        found = isoflop_minimum(n[sel], loss[sel])
+        if found is None:
+            skipped.append(f"{c:.3g}: the sizes do not bracket the minimum")
             continue
+        log_n_opt, parabola = found
         minima.append({"budget_flops": float(c), "N_opt": float(np.exp(log_n_opt)),
-                       "D_opt": float(c / (6 * np.exp(log_n_opt))), "loss": float(np.polyval([p2, p1, p0], log_n_opt)),
-                       "parabola": [float(p2), float(p1), float(p0)]})
+                       "D_opt": float(c / (6 * np.exp(log_n_opt))), "loss": float(np.polyval(parabola, log_n_opt)),
+                       "parabola": parabola})
     if len(minima) < 2:
         raise FitError(f"approach 2 needs at least 2 compute budgets with 3+ sizes bracketing a minimum; "
                        f"found {len(minima)} ({'; '.join(skipped)})")

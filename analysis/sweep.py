@@ -34,6 +34,7 @@ from data_pipeline.vocab import Vocabulary
 from pretrain.config import TrainConfig, build_config, validate
 from pretrain.flops import flops_per_token, param_counts
 
+from .sweep_fit import budget_value, losses
 from .sweep_placement import place_depths, predict_n_opt
 
 
@@ -284,11 +285,11 @@ def place_next_budgets(spec: SweepSpec, base: Path, vocab_size: int, log=print) 
             key = budget_key(mixture, kind, budget)
             if i == 0 or key in placement:
                 continue
-            earlier = [p for p in ours if float(p.budget.split("=")[1]) < budget]
+            earlier = [p for p in ours if budget_value(p.budget) < budget]
             if not earlier or not all(finished(spec, p) for p in earlier):
                 break
-            rows = [{"budget": float(p.budget.split("=")[1]), "N": p.params["total"],
-                     "loss": _total_loss(record(spec, p))} for p in earlier]
+            rows = [{"budget": budget_value(p.budget), "N": p.params["total"],
+                     "loss": losses(record(spec, p))[0]["total"]} for p in earlier]
             guess = predict_n_opt(rows, budget, spec.adaptive.exponent)
             sizes = {}
             for depth in range(1, spec.adaptive.max_depth + 1):
@@ -311,10 +312,6 @@ def place_next_budgets(spec: SweepSpec, base: Path, vocab_size: int, log=print) 
             points, _ = plan(spec, base, vocab_size, placement)
             ours = [p for p in points if p.mixture == mixture]
     return placed
-
-
-def _total_loss(row: dict) -> float:
-    return (row["eval_loss"] or row["final_loss"])["total"]
 
 
 def run_point(base: Path, spec: SweepSpec, point: Point, loom: list[str]) -> None:

@@ -24,6 +24,11 @@ def load_results(path: str | Path) -> list[dict]:
     return rows
 
 
+def budget_value(budget: str) -> float:
+    """The number of a results row's budget ("flops=1e+12" -> 1e12)."""
+    return float(budget.split("=")[1])
+
+
 def losses(row: dict) -> tuple[dict, str]:
     """The held-out loss per kind where the run evaluated, else the final training loss."""
     return (row["eval_loss"], "eval") if row.get("eval_loss") else (row["final_loss"], "train")
@@ -79,8 +84,8 @@ def fit_kinds(rows: list[dict], out: Path, mixture: str, budget: float | None, p
     n = np.array([r[params] for r in rows], dtype=np.float64)
     d = np.array([r["D"] for r in rows], dtype=np.float64)
     isoflop = [r["budget"].startswith("flops=") for r in rows]
-    budgets = np.array([float(r["budget"].split("=")[1]) if iso else np.nan for r, iso in zip(rows, isoflop)])
-    budget_values = np.array([float(r["budget"].split("=")[1]) for r in rows])
+    budget_values = np.array([budget_value(r["budget"]) for r in rows])
+    budgets = np.where(isoflop, budget_values, np.nan)
     fitted = {}
     for kind in kinds:
         name = f"{mixture}/{kind}" if mixture else kind

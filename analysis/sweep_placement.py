@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from .scaling import isoflop_minimum
+
 
 def budget_minimum(n, loss) -> tuple[float, bool]:
-    """(N_opt, bracketed) of one isoFLOP curve: bracketed when the best point is not the smallest or the largest
-    size and the parabola's vertex lies among the sizes."""
+    """(N_opt, bracketed) of one isoFLOP curve: the parabola's vertex where the sizes bracket it
+    (analysis/scaling.isoflop_minimum), else the best point's N."""
     n, loss = np.asarray(n, dtype=np.float64), np.asarray(loss, dtype=np.float64)
-    if len(np.unique(n)) >= 3 and n.min() < n[np.argmin(loss)] < n.max():
-        log_n = np.log(n)
-        p2, p1, _ = np.polyfit(log_n, loss, 2)
-        if p2 > 0 and log_n.min() <= -p1 / (2 * p2) <= log_n.max():
-            return float(np.exp(-p1 / (2 * p2))), True
-    return float(n[np.argmin(loss)]), False
+    found = isoflop_minimum(n, loss) if len(np.unique(n)) >= 3 else None
+    return (float(np.exp(found[0])), True) if found else (float(n[np.argmin(loss)]), False)
 
 
 def predict_n_opt(rows: list[dict], budget: float, exponent: float = 0.5) -> dict:
