@@ -150,7 +150,8 @@ class Generator:
                  image_size: int = 32):
         self.model, self.text, self.vocabulary, self.visual = model, text, vocabulary, visual
         self.image_size = image_size
-        self.encoder = DocumentEncoder(text, visual, vocabulary, image_size, 0)  # the sequence format of images and videos
+        # the sequence format of images and videos
+        self.encoder = DocumentEncoder(text, visual, vocabulary, image_size, 0)
         self.run_config, self.checkpoint = None, {}  # the training config and checkpoint record, when loaded from one
         v = model.cfg.padded_vocab_size
         ids = torch.arange(v)

@@ -3,7 +3,8 @@
 Approach 3: L(N, D) = E + A / N^alpha + B / D^beta, fitted by minimising the Huber loss (delta 1e-3)
 of log L - log(exp(a - alpha log N) + exp(b - beta log D) + exp(e)) with L-BFGS from a grid of
 initialisations (A = e^a, B = e^b, E = e^e), as the paper does (here from the 16 grid points with
-the lowest objective); confidence intervals from a bootstrap over the points. Compute-optimal allocation under C = 6 N D:
+the lowest objective); confidence intervals from a bootstrap over the points. Compute-optimal allocation
+under C = 6 N D:
     N_opt(C) = G (C/6)^(beta/(alpha+beta)),  D_opt(C) = G^-1 (C/6)^(alpha/(alpha+beta)),
     G = (alpha A / (beta B))^(1/(alpha+beta)).
 Approach 2: for each compute budget of an isoFLOP sweep, a parabola of L in log N gives the best

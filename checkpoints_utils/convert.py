@@ -155,13 +155,15 @@ def export_hf(ckpt: str | Path, out: str | Path, fmt: str = "emu3", visual_token
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not (fmt == "chameleon" and k.startswith("model.vqmodel."))]
     if missing or unexpected:
-        raise CheckpointError(f"weights do not fit {type(model).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise CheckpointError(f"weights do not fit {type(model).__name__}: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
     model.generation_config.bos_token_id, model.generation_config.eos_token_id = vocabulary.bos, vocabulary.eos
     model.generation_config.pad_token_id = vocabulary.special("<|pad|>")
     model.save_pretrained(out)
     (processor if fmt == "emu3" else tokenizer).save_pretrained(out)
     n = sum(t.numel() for t in weights.values())
-    log(f"convert to-hf: {folder} (step {shared['step']}) -> {out} as {type(model).__name__}, {n / 1e6:.2f}M parameters")
+    log(f"convert to-hf: {folder} (step {shared['step']}) -> {out} as {type(model).__name__}, "
+        f"{n / 1e6:.2f}M parameters")
     return {"checkpoint": str(folder), "out": str(out), "format": fmt, "class": type(model).__name__,
             "parameters": n, "step": shared["step"]}
 
@@ -185,7 +187,8 @@ def hf_model_config(config: dict, model_type: str) -> ModelConfig:
     return ModelConfig(preset="chameleon" if chameleon else "emu3", dim=text["hidden_size"],
                        n_layers=text["num_hidden_layers"], n_heads=n_heads,
                        n_kv_heads=text.get("num_key_value_heads") or n_heads, ffn_dim=text["intermediate_size"],
-                       norm_eps=text["rms_norm_eps"], rope_theta=float(rope["rope_theta"]), vocab_size=text["vocab_size"],
+                       norm_eps=text["rms_norm_eps"], rope_theta=float(rope["rope_theta"]),
+                       vocab_size=text["vocab_size"],
                        qk_norm=chameleon, swin_norm=bool(text.get("swin_norm")) if chameleon else False)
 
 

@@ -12,8 +12,8 @@ import numpy as np
 
 
 def add_sampling_args(p: argparse.ArgumentParser, cfg_scale: float, temperature: float,
-                      checkpoint_help: str = "a checkpoint folder or a run directory (its latest checkpoint), any layout"
-                      ) -> None:
+                      checkpoint_help: str = ("a checkpoint folder or a run directory (its latest checkpoint), "
+                                              "any layout")) -> None:
     p.add_argument("checkpoint", help=checkpoint_help)
     p.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")

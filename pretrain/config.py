@@ -123,10 +123,10 @@ class CheckpointConfig:
 
 @dataclass
 class FaultsConfig:
-    max_skipped_steps: int = doc("A step whose loss or gradient norm is NaN or Inf on any rank is skipped: no rank applies "
-                                 "its update (DeepSpeed discards it; the learning-rate schedule does not advance). "
-                                 "More skipped steps than this in a run stop training with an error naming the step "
-                                 "and the rank. 0: stop at the first.", 10)
+    max_skipped_steps: int = doc("A step whose loss or gradient norm is NaN or Inf on any rank is skipped: no rank "
+                                 "applies its update (DeepSpeed discards it; the learning-rate schedule does not "
+                                 "advance). More skipped steps than this in a run stop training with an error "
+                                 "naming the step and the rank. 0: stop at the first.", 10)
     spike_factor: float = doc("A step whose loss exceeds this factor x the mean loss of the previous `spike_window` "
                               "steps (at least 3 of them) is a loss spike, logged. 0: no spike detection.", 2.0)
     spike_window: int = doc("Steps of the recent mean loss that spikes are measured against.", 50)

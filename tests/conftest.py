@@ -104,13 +104,16 @@ def trained(world, tmp_path_factory):
 
 
 SOURCE_LAYOUTS = {"tp2-pp2-zero1": ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"],
+                  "tp2-pp2-zero1-bf16": ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1",
+                                         "parallel.bf16=true"],
                   "tp2-dp2-zero3": ["parallel.tp=2", "parallel.zero_stage=3"],
                   "cp2-tp2-zero2": ["parallel.cp=2", "parallel.tp=2", "parallel.zero_stage=2"]}
 
 
 @pytest.fixture(scope="session")
 def sources(world, tmp_path_factory):
-    """Runs of the emu3 preset in TP2xPP2 (ZeRO-1), TP2xDP2 (ZeRO-3) and CP2xTP2 (ZeRO-2), 4 processes each."""
+    """Runs of the emu3 preset in TP2xPP2 (ZeRO-1, fp32 and bf16), TP2xDP2 (ZeRO-3) and CP2xTP2 (ZeRO-2), 4 processes
+    each."""
     root = tmp_path_factory.mktemp("sources")
     for name, layout in SOURCE_LAYOUTS.items():
         train_tiny(world, root / name, 4, *layout)

@@ -4,7 +4,10 @@ Source runs train 6 steps with checkpoints at steps 3 and 6. Resuming from step 
 source run's steps 4-6: bit for bit in the same layout; under another layout, where the only difference
 is the order of floating-point reductions, within twice the layout tolerance of tests/rounding.py
 (source and target may each drift from one process by that much), from a rounding floor measured on
-one process in this configuration.
+one process in this configuration (bf16 runs: the floor of one-process bf16 runs). What a resharding load
+puts into each rank's partitions is checked without any tolerance: saved by DeepSpeed right after the load
+(tests/mutations/sitecustomize.py) and merged, it equals the checkpoint read, bit for bit. The matrix: from
+TP2xPP2 ZeRO-1 bf16 and from TP2xDP2 ZeRO-3 into TP2xDP2 ZeRO-2 and ZeRO-3, TP4, PP2xDP2 and one process.
 """
 
 import json
@@ -15,14 +18,20 @@ import pytest
 from common.checkpoint_folders import latest_tag
 from common.checkpoint_folders import COMPLETE
 from common.manifest import MANIFEST
-from conftest import SOURCE_LAYOUTS, run_loom, train_tiny
-from rounding import assert_same_run, floor_of, tolerance
+from conftest import REPO, SOURCE_LAYOUTS, run_loom, train_tiny
+from rounding import FLOOR_MULTIPLE, assert_same_run, floor_of, tolerance
 from common.metrics import read_metrics
 
 SOURCES = {name: (4, layout) for name, layout in SOURCE_LAYOUTS.items()}
 TARGETS = {"tp1-dp2-zero1": (2, ["parallel.tp=1", "parallel.pp=1", "parallel.zero_stage=1"]),
            "tp1-pp2-zero1": (2, ["parallel.tp=1", "parallel.pp=2", "parallel.zero_stage=1"]),
            "cp2-zero1": (2, ["parallel.tp=1", "parallel.pp=1", "parallel.cp=2", "parallel.zero_stage=1"])}
+MATRIX_TARGETS = {"tp2-dp2-zero2": (4, ["parallel.tp=2", "parallel.zero_stage=2"]),  # every source into each of these
+                  "tp2-dp2-zero3": (4, ["parallel.tp=2", "parallel.zero_stage=3"]),
+                  "tp4": (4, ["parallel.tp=4", "parallel.zero_stage=1"]),
+                  "pp2-dp2-zero1": (4, ["parallel.pp=2", "parallel.zero_stage=1"]),
+                  "one-process": (1, ["parallel.zero_stage=1"])}
+TARGETS |= MATRIX_TARGETS
 train = train_tiny
 
 
@@ -53,30 +62,77 @@ def test_resume_in_the_same_layout_is_bitwise(sources, world, tmp_path):
 
 @pytest.fixture(scope="module")
 def reshard_tolerance(world, tmp_path_factory):
-    """Twice the layout tolerance of `train_tiny` runs: source and target layout each drift from one process."""
-    root = tmp_path_factory.mktemp("floor")
+    """Twice the layout tolerance of `train_tiny` runs (source and target layout each drift from one process),
+    for "fp32" and "bf16" runs, measured when first asked for."""
+    root, measured = tmp_path_factory.mktemp("floor"), {}
 
-    def run(micro_batch):  # the source runs' micro-batch is the reference's (2)
-        train(world, root / f"mb{micro_batch}", 1, f"data.micro_batch_size={micro_batch}")
-        return list(steps(root / f"mb{micro_batch}").values())
-    reference, floor = floor_of(run)
-    return tolerance(floor, reference).scaled(2)
+    def of(precision: str):
+        if precision not in measured:
+            bf16 = [f"parallel.bf16={str(precision == 'bf16').lower()}"]
+
+            def run(micro_batch):  # the source runs' micro-batch is the reference's (2)
+                train(world, root / f"{precision}-mb{micro_batch}", 1, f"data.micro_batch_size={micro_batch}", *bf16)
+                return list(steps(root / f"{precision}-mb{micro_batch}").values())
+            reference, floor = floor_of(run)
+            # bf16's floor is ~1e3 x fp32's: the bug guard of tolerance() holds for fp32 only; what a resharding
+            # load puts into the partitions is compared bit for bit in any precision (test_reshard_...)
+            measured[precision] = (tolerance(floor, reference) if precision == "fp32"
+                                   else floor.scaled(FLOOR_MULTIPLE)).scaled(2)
+        return measured[precision]
+    return of
+
+
+RESHARDS = [("tp2-pp2-zero1", "tp1-dp2-zero1"), ("tp2-dp2-zero3", "tp1-pp2-zero1"), ("cp2-tp2-zero2", "tp1-dp2-zero1"),
+            ("tp2-pp2-zero1", "cp2-zero1")]
+RESHARDS += [(source, target) for source in ("tp2-pp2-zero1-bf16", "tp2-dp2-zero3") for target in MATRIX_TARGETS
+             if target != source]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source,target", [("tp2-pp2-zero1", "tp1-dp2-zero1"), ("tp2-dp2-zero3", "tp1-pp2-zero1"),
-                                           ("cp2-tp2-zero2", "tp1-dp2-zero1"), ("tp2-pp2-zero1", "cp2-zero1")])
+@pytest.mark.parametrize("source,target", RESHARDS)
 def test_reshard_continues_the_source_run(source, target, sources, reshard_tolerance, world, tmp_path):
+    """Resumed from step 3 under another layout: every rank's partitions hold exactly the checkpoint's weights and
+    Adam moments (its tensor-parallel slice, its ZeRO shard), and the continued steps follow the source run."""
     resumed = from_step_3(sources / source, tmp_path / "resharded")
     nproc, layout = TARGETS[target]
-    result = train(world, resumed, nproc, *layout)
+    bf16 = "parallel.bf16=true" in SOURCE_LAYOUTS[source]
+    loaded = tmp_path / "as_loaded"
+    result = train(world, resumed, nproc, *layout, *(["parallel.bf16=true"] if bf16 else []),
+                   env={"PYTHONPATH": str(REPO / "tests" / "mutations"), "LOOM_TEST_SAVE_AFTER_LOAD": str(loaded)})
     assert "resharding to" in result.stdout and "at step 3" in result.stdout
+    assert_holds_the_checkpoint(loaded / "loaded", layout_of(resumed), resumed / "checkpoints" / "step_000003")
     ours, ref = steps(resumed), steps(sources / source)
     continued = [ours[step] for step in (4, 5, 6)]
-    print(f"{source} -> {target}: drift {assert_same_run(continued, list(ref.values()), reshard_tolerance)}")
+    allowed = reshard_tolerance("bf16" if bf16 else "fp32")
+    print(f"{source} -> {target}: drift {assert_same_run(continued, list(ref.values()), allowed)}")
     for step in (4, 5, 6):  # assert_same_run checked the consumed tokens too: the same data, no repeats
         assert ours[step]["lr"] == pytest.approx(ref[step]["lr"], rel=1e-12)
-    assert (resumed / "checkpoints" / "step_000003" / "portable" / "model.safetensors").exists()
+
+
+def layout_of(run) -> dict:
+    """The layout the resumed run saved its own checkpoints with (step 6)."""
+    return json.loads((run / "checkpoints" / "step_000006" / "loom_state.json").read_text())["layout"]
+
+
+def assert_holds_the_checkpoint(saved, layout: dict, checkpoint):
+    """DeepSpeed's save of the engine right after the load, merged from all ranks, equals the consolidated
+    checkpoint it loaded: weights (fp32 masters), both Adam moments and the optimizer step, bit for bit."""
+    import torch
+
+    from pretrain.consolidate import MOMENTS, read_deepspeed
+    from pretrain.portable import MODEL_FILE, OPTIMIZER_FILE
+    from safetensors.torch import load_file
+
+    engine = read_deepspeed(saved, layout["tp"], layout["pp"], layout["dp"], layout["zero_stage"], 4)
+    portable = checkpoint / "portable"
+    expected = {"params": load_file(portable / MODEL_FILE)}
+    moments = load_file(portable / OPTIMIZER_FILE)
+    expected |= {k: {n.split("/", 1)[1]: t for n, t in moments.items() if n.startswith(k + "/")} for k in MOMENTS}
+    for key, tensors in expected.items():
+        assert sorted(engine[key]) == sorted(tensors), key
+        unequal = [n for n, t in tensors.items() if not torch.equal(engine[key][n], t)]
+        assert not unequal, f"{key} differs from {checkpoint} after the load: {unequal}"
+    assert engine["optimizer_step"] == json.loads((checkpoint / "loom_state.json").read_text())["step"]
 
 
 @pytest.mark.slow

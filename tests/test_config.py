@@ -34,7 +34,8 @@ def test_presets():
 @pytest.mark.parametrize("overrides, message", [
     (["model.dimm=3"], "unknown config key 'model.dimm' (did you mean 'model.dim'?)"),
     (["model.n_layers=two"], "model.n_layers: expected int, got 'two'"),
-    (["model.n_heads=2", "parallel.tp=4", "model.n_kv_heads=2"], "model.n_heads (2) must be divisible by parallel.tp (4)"),
+    (["model.n_heads=2", "parallel.tp=4", "model.n_kv_heads=2"],
+     "model.n_heads (2) must be divisible by parallel.tp (4)"),
     (["parallel.zero_stage=2", "parallel.pp=2"], "supports ZeRO 1 only"),
     (["model.preset=gpt"], "model.preset: 'gpt' is not a preset"),
     (["model.dim=130"], "model.dim (130) must be divisible by model.n_heads (4)"),

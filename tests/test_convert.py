@@ -183,7 +183,8 @@ def test_transformers_processor_builds_the_ids_loom_trains_on(sources, world, tm
             with torch.no_grad():
                 codes = model.model.get_image_tokens(inputs["pixel_values"], inputs["image_sizes"])
             ids = ids.masked_scatter(ids == tok.convert_tokens_to_ids(processor.image_token), codes.to(ids.dtype))
-        assert ids.tolist() + [eos] == loom_ids, (name, tok.convert_ids_to_tokens(ids), tok.convert_ids_to_tokens(loom_ids))
+        assert ids.tolist() + [eos] == loom_ids, (name, tok.convert_ids_to_tokens(ids),
+                                                  tok.convert_ids_to_tokens(loom_ids))
 
     generator = Generator.from_checkpoint(sources / "tp2-dp2-zero3", data=world / "tokens")
     prompt = "A red circle on the left."
@@ -211,9 +212,11 @@ def test_import_then_export_is_exact_and_trains(fmt, chameleon, sources, world, 
     nll = [json.loads(run_loom("eval", "nll", c, "--data", world / "heldout_tokens", "--max-tokens", "1024",
                                "--seq-len", "128").stdout)
            for c in (ckpt, imported)]
-    assert abs(nll[0]["loss"]["total"] - nll[1]["loss"]["total"]) <= 1e-5 and nll[0]["loss_tokens"] == nll[1]["loss_tokens"]
+    assert abs(nll[0]["loss"]["total"] - nll[1]["loss"]["total"]) <= 1e-5
+    assert nll[0]["loss_tokens"] == nll[1]["loss_tokens"]
     assert nll[0]["bits_per_token"]["image"] == pytest.approx(nll[0]["loss"]["image"] / math.log(2))
-    trained = run_loom("train", imported / "config.yaml", f"out_dir={imported}", f"data.sources.shapes.path={world / 'tokens'}",
+    trained = run_loom("train", imported / "config.yaml", f"out_dir={imported}",
+                       f"data.sources.shapes.path={world / 'tokens'}",
                        "parallel.tp=2", "parallel.nproc_per_node=2", "schedule.steps=2", "schedule.warmup_steps=1",
                        "data.global_batch_size=8", "data.micro_batch_size=4", "data.seq_len=128")
     assert trained.returncode == 0, trained.stderr[-2000:]

@@ -5,6 +5,7 @@ collective. Runs are compared with the uninterrupted reference run (`trained`, c
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -12,7 +13,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -105,22 +105,30 @@ def test_two_agents_train_like_one_node_and_survive_a_killed_worker(trained, wor
     assert [r["step"] for r in read_metrics(out) if "eval_loss" in r] == [0, 6]
 
 
+def rank_of(pid: int) -> int:
+    return int(dict(v.split("=", 1) for v in (Path("/proc") / str(pid) / "environ").read_text().split("\0")
+                    if "=" in v)["RANK"])
+
+
 @pytest.mark.slow
-def test_sigterm_checkpoints_the_current_step_and_exits_zero(trained, world, tmp_path):
-    """SIGTERM to every process of the job, as SLURM preempts (`loom launch`, torchrun's agent, the workers): a
-    checkpoint at the step it interrupts, exit 0; the same command again resumes there and ends with the
-    reference run's losses."""
+@pytest.mark.parametrize("receivers", ["every process", "rank 1 only"])
+def test_sigterm_checkpoints_the_current_step_and_exits_zero(receivers, trained, world, tmp_path):
+    """SIGTERM to every process of the job, as SLURM preempts (`loom launch`, torchrun's agent, the workers), or
+    to one worker only (the ranks agree at the next step boundary): a checkpoint at the step it interrupts, exit
+    0; the same command again resumes there and ends with the reference run's losses."""
     out = tmp_path / "run"
     command = ["launch", *train_args(world, out)[1:], "--nproc-per-node", "2", "--rdzv-endpoint",
                f"127.0.0.1:{free_port()}"]
     job = start_loom(*command)
     wait_for_step(out, 1, [job])
     agent = children(job.pid)
-    for pid in [job.pid, *agent, *children(agent[0])]:
+    ranks = {rank_of(pid): pid for pid in children(agent[0])}
+    for pid in [job.pid, *agent, *ranks.values()] if receivers == "every process" else [ranks[1]]:
         os.kill(pid, signal.SIGTERM)
     [(code, output)] = collect([job])
     assert code == 0, output[-3000:]
-    assert "preempted (SIGTERM): saved step_" in output
+    assert f"preempted ({'SIGTERM' if receivers == 'every process' else 'signal on another rank'}): saved step_" \
+        in output
     step = json.loads((out / "summary.json").read_text())["steps"]
     assert 0 < step < 6 and latest_tag(out) == f"step_{step:06d}"
     (out / "checkpoints" / f"step_{step + 1:06d}").mkdir()  # a save that never completed: ignored
@@ -133,12 +141,15 @@ def test_sigterm_checkpoints_the_current_step_and_exits_zero(trained, world, tmp
 @pytest.fixture(scope="module")
 def faulty(world, tmp_path_factory):
     """8 steps, a checkpoint every step: rank 1's loss is NaN at step 2, global batches 5 and 6 spike, and rank 1
-    runs out of disk at step 8's checkpoint."""
+    runs out of disk at step 8's checkpoint. The engine's state right after the rollback's load is saved by
+    DeepSpeed into out/after_load/loaded (tests/mutations/sitecustomize.py)."""
     out = tmp_path_factory.mktemp("faults") / "run"
     result = run_loom(*train_args(world, out, "schedule.steps=8", "checkpoint.interval=1", "checkpoint.keep_last=10",
                                   "faults.max_skipped_steps=1", "faults.spike_factor=3",
                                   "faults.spike_rollback_after=2"),
-                      env={"LOOM_FAULT": "nan:2:1,spike:5:*,spike:6:*,disk_full:8:1"})
+                      env={"LOOM_FAULT": "nan:2:1,spike:5:*,spike:6:*,disk_full:8:1",
+                           "PYTHONPATH": str(REPO / "tests" / "mutations"),
+                           "LOOM_TEST_SAVE_AFTER_LOAD": str(out / "after_load")})
     return out, result
 
 
@@ -170,8 +181,18 @@ def test_a_nan_on_one_rank_is_skipped_by_every_rank(faulty):
     assert before.keys() == after.keys() and any("optim_states" in k for k in before)
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and Adam moments of both ranks
     assert not all(torch.equal(after[k], next_step[k]) for k in after)
-    record = {r["step"]: r for r in read_metrics(out) if "loss" in r}[2]
-    assert record["skipped_steps"] == 1 and record["loss"]["total"] != record["loss"]["total"]  # NaN
+    records = {r["step"]: r for r in read_metrics(out) if "loss" in r}
+    assert records[2]["skipped_steps"] == 1 and records[2]["loss"]["total"] != records[2]["loss"]["total"]  # NaN
+    # the learning-rate schedule did not advance: from step 2 on, step k trains at the rate of applied step k - 1
+    from pretrain.config import load_config
+    from pretrain.parallel import lr_lambda
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["data.sources.s.path=x", "schedule.steps=8",
+                                                       "schedule.warmup_steps=2"])
+    rate = lr_lambda(cfg)
+    for step, applied in ((1, 1), (2, 1), (3, 2), (4, 3)):
+        assert records[step]["lr"] == pytest.approx(cfg.optimizer.lr * rate(applied), rel=1e-12), step
+    assert rate(3) < rate(2)  # so an advanced schedule would show at step 3
 
 
 @pytest.mark.slow
@@ -183,7 +204,13 @@ def test_loss_spikes_roll_back_and_skip_their_batches(faulty):
     assert state["step"] == 7 and state["batches"] == 9 and state["skipped_batches"] == [[5, 6]]
     steps = [r["step"] for r in read_metrics(out) if "loss" in r]
     assert steps == list(range(1, 9))  # the spiking steps 5 and 6 were trained again, on batches 7 and 8
-    assert all(r["loss"]["total"] < 10 for r in read_metrics(out) if "loss" in r and r["step"] != 2)
+    # the weights and Adam moments the training continued from are step 4's checkpoint's, bit for bit
+    checkpoint = optimizer_tensors(out / "checkpoints" / "step_000004")
+    after_load = optimizer_tensors(out / "after_load" / "loaded")
+    assert checkpoint.keys() == after_load.keys() and any("optim_states" in k for k in checkpoint)
+    assert all(torch.equal(checkpoint[k], after_load[k]) for k in checkpoint)
+    assert not all(torch.equal(after_load[k], v) for k, v in optimizer_tensors(out / "checkpoints" /
+                                                                               "step_000006").items())
 
 
 @pytest.mark.slow
@@ -215,16 +242,61 @@ def test_a_hung_collective_ends_every_rank_within_the_timeout(world, tmp_path):
     assert all(4 <= s < 4 + 5 for s in stuck)
 
 
-def test_refuses_to_start_without_room_for_a_checkpoint(groups, tmp_path, monkeypatch):
-    from common.checkpoint_folders import CheckpointError
-    from pretrain import checkpointing
-    from pretrain.config import load_config
+def test_refuses_to_start_without_room_for_a_checkpoint(world, tmp_path):
+    """out_dir on a real 1 MiB filesystem (a tmpfs in a private mount namespace, made with unshare): every rank
+    refuses before training, naming the filesystem's free space."""
+    small = tmp_path / "small_disk"
+    small.mkdir()
+    command = [sys.executable, "-m", "launch.cli", *train_args(world, small / "run")]
+    args = " ".join(shlex.quote(str(a)) for a in command)
+    result = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c",
+                             f"mount -t tmpfs -o size=1m loom_test {shlex.quote(str(small))} && exec {args}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert "mount" not in result.stderr.split("\n")[0], f"could not make a small filesystem: {result.stderr}"
+    assert result.returncode != 0
+    assert re.search(r"not enough disk for this run's checkpoints: a checkpoint takes \d+\.\d\d GiB \(estimated from "
+                     r"the model\), \S+ has 0\.00 GiB free", result.stderr), result.stderr[-3000:]
+    assert "step 1/" not in result.stdout
+    assert not any(small.iterdir())  # the tmpfs was private to the job: nothing of it is left here
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml", ["data.sources.s.path=x", "model.vocab_size=1000"])
-    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: SimpleNamespace(total=10 ** 9, free=1000))
-    with pytest.raises(CheckpointError, match=r"not enough disk for this run's checkpoints: a checkpoint takes .* GiB "
-                                              r"\(estimated from the model\), .* has 0.00 GiB free"):
-        checkpointing.ensure_space(tmp_path, cfg, "this run's checkpoints")
+
+def dies_in_a_collective(rank: int, port: int, said) -> None:
+    """Rank 1 exits after a barrier; rank 0 then runs an all-reduce inside a watchdog phase."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from pretrain.resilience import WATCHDOG, PhaseError, phase
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    dist.barrier()
+    if rank == 1:
+        os._exit(1)
+    time.sleep(1)
+    WATCHDOG.rank, WATCHDOG.step = 0, 7
+    try:
+        with phase("the all-reduce of the test"):
+            dist.all_reduce(torch.ones(4))
+        said.put("no error")
+    except PhaseError as e:
+        said.put(f"PhaseError: {e}")
+
+
+def test_a_collective_whose_peer_died_raises_phase_error_naming_the_phase_and_step():
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    said, port = context.Queue(), free_port()
+    ranks = [context.Process(target=dies_in_a_collective, args=(rank, port, said)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    message = said.get(timeout=120)
+    for process in ranks:
+        process.join(timeout=30)
+    assert message.startswith("PhaseError: rank 0: the all-reduce of the test at step 7 failed: "), message
+    assert len(message) > len("PhaseError: rank 0: the all-reduce of the test at step 7 failed: ")  # gloo's words
 
 
 def test_too_many_non_finite_steps_stop_naming_the_step_and_rank(groups):

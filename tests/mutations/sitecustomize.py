@@ -1,7 +1,11 @@
-"""Real layout bugs injected into every process of a training run, for test_layouts' mutation test.
+"""Test-only changes to every process of a training run. Active only with PYTHONPATH=tests/mutations.
 
-Active only with PYTHONPATH=tests/mutations and LOOM_TEST_MUTATION set to one of MUTATIONS; they show
-that a layout bug moves the loss by far more than the rounding tolerance (tests/rounding.py).
+LOOM_TEST_MUTATION set to one of MUTATIONS injects a real layout bug, for test_layouts' mutation test:
+it shows that a layout bug moves the loss by far more than the rounding tolerance (tests/rounding.py).
+
+LOOM_TEST_SAVE_AFTER_LOAD=DIR is no bug either: every checkpoint load of the trainer is followed by a
+DeepSpeed save of the engine's state as loaded, into DIR/loaded, so that test_checkpoints can compare what
+a resharding load put into each rank's partitions with the checkpoint it read, bit for bit.
 
 LOOM_TEST_FLEX_ON_CPU=1 is no bug: it lets the CPU train through FlexAttention's reference implementation
 (see flex_backward_on_cpu), so that CPU tests check flex's masks under every layout.
@@ -24,8 +28,22 @@ def flex_backward_on_cpu() -> None:
     flex_attention._validate_device = allow_cpu_backward
 
 
+def save_after_load(folder: str) -> None:
+    from pretrain import checkpointing
+
+    load = checkpointing.load
+
+    def load_then_save(engine, *args, **kwargs):
+        state = load(engine, *args, **kwargs)
+        engine.save_checkpoint(folder, tag="loaded", save_latest=False)
+        return state
+    checkpointing.load = load_then_save
+
+
 if os.environ.get("LOOM_TEST_FLEX_ON_CPU") == "1":
     flex_backward_on_cpu()
+if os.environ.get("LOOM_TEST_SAVE_AFTER_LOAD"):
+    save_after_load(os.environ["LOOM_TEST_SAVE_AFTER_LOAD"])
 
 MUTATIONS = ("missing-tp-all-reduce", "wrong-tp-slice", "dropped-micro-batch")
 MUTATION = os.environ.get("LOOM_TEST_MUTATION")
