@@ -1,13 +1,24 @@
 """The memory model of `loom plan` against the peak memory of real training steps on this machine.
 
-    python benchmarks/plan_memory.py [--json OUT]
+    python benchmarks/plan_memory.py [--cases ...] [--layouts ...] [--json OUT]
 
-For each case (model size, sequence length, micro-batch, activation checkpointing): Loom's real
-training path in this process (megatron-core layers, DeepSpeed engine with ZeRO-1, fp32, one process),
-two optimizer steps on packed rows of several documents. Measured = the process's peak resident memory
-during the case minus its resident memory before the model was built (Linux VmHWM, reset per case
-through /proc/self/clear_refs; freed memory is returned to the system between cases with malloc_trim).
+Cases (model size, sequence length, micro-batch, activation checkpointing): Loom's real training path
+in this process (megatron-core layers, DeepSpeed engine with ZeRO-1, fp32, one process), two optimizer
+steps on packed rows of several documents. Measured = the process's peak resident memory during the
+case minus its resident memory before the model was built (Linux VmHWM, reset per case through
+/proc/self/clear_refs; freed memory is returned to the system between cases with malloc_trim).
 Estimated = analysis.plan's peak-stage total with no reserve. Prints both and their ratio.
+
+glibc's malloc is pinned to mmap every block of 128 KiB or more (MALLOC_MMAP_THRESHOLD_, set by re-running
+this script with it): by default it raises that threshold as blocks are freed and then serves tensors from
+heaps that fragment, so the peak grows from step to step by memory no tensor holds (up to +50% in PP2 with 4
+micro-batches, 3 steps). Pinned, the peak is that of the live tensors and the same at every step; a GPU's
+caching allocator fragments in its own way, which a plan's --reserve-gib covers.
+
+Layouts: the terms a cluster plan turns on, each in a job of 2 processes under torchrun (gloo, one thread
+each): TP2, sequence parallelism, ZeRO-2 and ZeRO-3 over DP2, PP2 with 1, 2 and 4 micro-batches per step
+(1, 2 and 2 in flight on the first stage), bf16. Every rank measures its own peak as above and compares
+it with the plan's estimate for its pipeline stage; a row per rank.
 """
 
 from __future__ import annotations
@@ -55,13 +66,29 @@ def reset_peak() -> bool:
         return False
 
 
-def config(model: dict, seq: int, micro: int, checkpointing: str) -> TrainConfig:
+M8 = dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=704)
+M20 = dict(dim=512, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=1408)
+LAYOUTS = {  # name: (processes, model, seq_len, micro-batch, micro-batches per step, parallel settings)
+    "tp2": (2, M20, 256, 8, 1, {"tp": 2}),
+    "tp2-sequence-parallel": (2, M8, 2048, 1, 1, {"tp": 2, "sequence_parallel": True}),
+    "dp2-zero2": (2, M20, 256, 8, 1, {"zero_stage": 2}),
+    "dp2-zero3": (2, M20, 256, 8, 1, {"zero_stage": 3}),
+    "pp2-1-micro-batch": (2, M8, 1024, 2, 1, {"pp": 2}),
+    "pp2-2-micro-batches": (2, M8, 1024, 2, 2, {"pp": 2}),
+    "pp2-4-micro-batches": (2, M8, 1024, 2, 4, {"pp": 2}),
+    "dp2-bf16": (2, M20, 256, 8, 1, {"bf16": True}),
+}
+
+
+def config(model: dict, seq: int, micro: int, checkpointing: str, parallel: dict | None = None, steps_of: int = 1,
+           dp: int = 1) -> TrainConfig:
     # attention as the CPU trains it (a dense mask), so that the plan models what is measured
     cfg = build(TrainConfig, {"model": {**model, "vocab_size": VOCAB, "activation_checkpointing": checkpointing,
                                         "attention": "sdpa"},
-                              "data": {"seq_len": seq, "global_batch_size": micro, "micro_batch_size": micro,
-                                       "sources": {"bench": {"path": "-"}}},
-                              "parallel": {"zero_stage": 1}, "schedule": {"steps": 100, "warmup_steps": 0}})
+                              "data": {"seq_len": seq, "global_batch_size": micro * steps_of * dp,
+                                       "micro_batch_size": micro, "sources": {"bench": {"path": "-"}}},
+                              "parallel": {"zero_stage": 1, "backend": "gloo", **(parallel or {})},
+                              "schedule": {"steps": 100, "warmup_steps": 0}})
     cfg.model.resolve_preset()
     return cfg
 
@@ -100,20 +127,79 @@ def measure(name: str) -> dict:
             "ratio": measured / estimated}
 
 
+def measure_layout() -> None:
+    """One rank of a LAYOUTS job (under torchrun): its peak against the plan's estimate for its stage."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from analysis.plan import GIB, stage_memory
+    from pretrain.parallel import destroy_distributed, init_distributed, parallelize
+    from pretrain.step import PipelineLoss, run_step
+
+    name = os.environ["LOOM_PLAN_MEMORY_LAYOUT"]
+    processes, model, seq, micro, steps_of, parallel = LAYOUTS[name]
+    tp, pp = parallel.get("tp", 1), parallel.get("pp", 1)
+    cfg = config(model, seq, micro, "none", parallel, steps_of, processes // (tp * pp))
+    torch.set_num_threads(1)
+    layout = init_distributed(cfg)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    reset_peak()
+    before = kib("VmRSS")
+    pipeline_loss = PipelineLoss(cfg.model.z_loss) if pp > 1 else None
+    engine = parallelize(cfg, layout, pipeline_loss)
+    for _ in range(2):
+        run_step(engine, [packed_batch(micro, seq)] * steps_of, cfg.model.z_loss, layout, pipeline_loss)
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    estimate = stage_memory(cfg, layout.dp, stage, micro, 0.0)
+    measured = kib("VmHWM") - before
+    row = {"case": name, "rank": layout.rank, "stage": stage, "measured_gib": measured / GIB,
+           "estimated_gib": estimate.total / GIB, "ratio": measured / estimate.total,
+           "terms_gib": {k: getattr(estimate, k) / GIB for k in ("weights", "gradients", "optimizer", "activations",
+                                                                 "logits")}}
+    rows = [None] * layout.world_size
+    dist.all_gather_object(rows, row)
+    if layout.rank == 0:
+        Path(os.environ["LOOM_PLAN_MEMORY_OUT"]).write_text(json.dumps(rows))
+    destroy_distributed()
+
+
+def measure_layout_job(name: str) -> list[dict]:
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        env = {**os.environ, "LOOM_PLAN_MEMORY_LAYOUT": name, "LOOM_PLAN_MEMORY_OUT": str(out),
+               "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        f"--nproc-per-node={LAYOUTS[name][0]}", __file__], check=True, stdout=subprocess.DEVNULL,
+                       env=env, cwd=Path(__file__).resolve().parents[1])
+        return json.loads(out.read_text())
+
+
 def measure_in_child(name: str, threads: int) -> dict:
     import subprocess
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
-        subprocess.run([sys.executable, __file__, "--cases", name, "--threads", str(threads), "--json", str(out)],
+        subprocess.run([sys.executable, __file__, "--cases", name, "--layouts", "--threads", str(threads), "--json",
+                        str(out)],
                        check=True, stdout=subprocess.DEVNULL)
         return json.loads(out.read_text())[0]
 
 
+MMAP_THRESHOLD = "131072"
+
+
 def main() -> None:
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]],
+                  {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD})
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
@@ -131,11 +217,21 @@ def main() -> None:
         rows.append(row)
         print(f"{name:<20} measured {row['measured_gib']:.3f} GiB  estimated {row['estimated_gib']:.3f} GiB  "
               f"measured/estimated {row['ratio']:.2f}", flush=True)
+    for name in args.layouts:
+        for row in measure_layout_job(name):
+            rows.append(row)
+            print(f"{name + ' rank ' + str(row['rank']):<30} stage {row['stage']}  measured {row['measured_gib']:.3f} "
+                  f"GiB  estimated {row['estimated_gib']:.3f} GiB  measured/estimated {row['ratio']:.2f}", flush=True)
     worst = max(rows, key=lambda r: abs(r["ratio"] - 1))
-    print(f"{len(rows)} cases; worst measured/estimated {worst['ratio']:.2f} ({worst['case']})")
+    where = worst["case"] + (f" rank {worst['rank']}" if "rank" in worst else "")
+    print(f"{len(args.cases)} one-process cases, {len(args.layouts)} layouts ({len(rows)} rows); worst "
+          f"measured/estimated {worst['ratio']:.2f} ({where})")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    if "LOOM_PLAN_MEMORY_LAYOUT" in os.environ:
+        measure_layout()
+    else:
+        main()

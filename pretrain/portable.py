@@ -134,14 +134,18 @@ def _set_model_param(param: torch.nn.Parameter, value: torch.Tensor) -> None:
 
 
 def _ensure_optimizer_states(engine, step: int) -> None:
-    """Adam moments exist before the first step (ZeRO-1/2 create them lazily), then set their step."""
+    """Adam moments exist before the first step (DeepSpeed's ZeRO optimizers create them lazily, at the first
+    step, keyed by the flat fp32 partitions), then set their step."""
     zero = engine.optimizer
     base = zero.optimizer
+    partitions = getattr(zero, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
+    if partitions is None:
+        partitions = getattr(zero, "fp32_partitioned_groups_flat", None)  # ZeRO-3
+    for flat in partitions or []:
+        if not base.state.get(flat):
+            base.state[flat] = {"step": torch.zeros((), dtype=torch.float32, device=flat.device),
+                                "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
     if hasattr(zero, "single_partition_of_fp32_groups"):
-        for flat in zero.single_partition_of_fp32_groups:
-            if not base.state.get(flat):
-                base.state[flat] = {"step": torch.zeros((), dtype=torch.float32, device=flat.device),
-                                    "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
         if not hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # a private method of DeepSpeed's ZeRO-1/2
             raise CheckpointError(f"DeepSpeed {deepspeed.__version__}'s ZeRO optimizer has no "
                                   f"_lazy_init_hp_params_optimizer_state: Loom loads checkpoints through the "

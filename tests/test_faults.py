@@ -105,6 +105,72 @@ def test_two_agents_train_like_one_node_and_survive_a_killed_worker(trained, wor
     assert [r["step"] for r in read_metrics(out) if "eval_loss" in r] == [0, 6]
 
 
+def descendants(pid: int) -> list[int]:
+    return [d for child in children(pid) for d in (child, *descendants(child))]
+
+
+@pytest.fixture
+def two_hosts(tmp_path):
+    """Two hosts on this machine: network namespaces joined by a veth pair (10.231.7.1 and .2, traffic only
+    between them), each process started in one with its own hostname (node-a, node-b) and an /etc/hosts naming
+    both, as a cluster's nodes resolve each other. Returns start(host, *loom_args) -> Popen. Needs root (CI
+    runs as root), or CAP_NET_ADMIN and CAP_SYS_ADMIN."""
+    tag = f"{os.getpid() % 100000}"
+    hosts = {"node-a": (f"loom{tag}a", "10.231.7.1", f"lv{tag}a"), "node-b": (f"loom{tag}b", "10.231.7.2",
+                                                                             f"lv{tag}b")}
+    hosts_file = tmp_path / "hosts"
+    hosts_file.write_text("127.0.0.1 localhost\n" + "".join(f"{a} {h}\n" for h, (_, a, _) in hosts.items()))
+    (ns_a, _, dev_a), (ns_b, _, dev_b) = hosts.values()
+    setup = [["ip", "netns", "add", ns_a], ["ip", "netns", "add", ns_b],
+             ["ip", "link", "add", dev_a, "type", "veth", "peer", "name", dev_b],
+             ["ip", "link", "set", dev_a, "netns", ns_a], ["ip", "link", "set", dev_b, "netns", ns_b]]
+    for ns, address, dev in hosts.values():
+        setup += [["ip", "-n", ns, "addr", "add", f"{address}/24", "dev", dev], ["ip", "-n", ns, "link", "set", dev,
+                                                                                 "up"],
+                  ["ip", "-n", ns, "link", "set", "lo", "up"]]
+    try:
+        for command in setup:
+            made = subprocess.run(command, capture_output=True, text=True)
+            assert made.returncode == 0, f"cannot make two network namespaces here: {' '.join(command)}: " \
+                                         f"{made.stderr.strip()}"
+
+        def start(host: str, *args) -> subprocess.Popen:
+            ns = hosts[host][0]
+            loom = " ".join(shlex.quote(str(a)) for a in [sys.executable, "-m", "launch.cli", *args])
+            return subprocess.Popen(["ip", "netns", "exec", ns, "unshare", "--uts", "--mount", "sh", "-c",
+                                     f"mount --bind {hosts_file} /etc/hosts && hostname {host} && exec {loom}"],
+                                    cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+        yield start
+    finally:
+        for ns, _, _ in hosts.values():  # deleting a namespace deletes its end of the veth pair, and so the pair
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.mark.slow
+def test_two_hosts_survive_the_loss_of_a_node(two_hosts, trained, world, tmp_path):
+    """`loom launch` on two hosts (distinct addresses and hostnames, rendezvous at node-a); after step 4 node-b
+    is lost (its agent and worker SIGKILLed, as a machine that dies); node-a's worker fails in its next
+    collective, its agent restarts it (--max-restarts 1) and waits; a replacement node-b joins the same run id;
+    the job resumes from step 3's checkpoint and every loss equals the single-node reference run's."""
+    out = tmp_path / "run"
+    launch = ["launch", *train_args(world, out)[1:], "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint",
+              f"node-a:{free_port()}", "--run-id", "two-hosts", "--max-restarts", "1"]
+    node_a, node_b = two_hosts("node-a", *launch), two_hosts("node-b", *launch)
+    wait_for_step(out, 4, [node_a, node_b])
+    for pid in [node_b.pid, *descendants(node_b.pid)]:
+        os.kill(pid, signal.SIGKILL)
+    node_b.wait(timeout=60)
+    lost_at = max(logged_steps(out))
+    replacement = two_hosts("node-b", *launch)
+    results = collect([node_a, replacement])
+    output = "".join(o for _, o in results)
+    assert all(code == 0 for code, _ in results), "\n".join(o[-4000:] for _, o in results)
+    assert lost_at < 6, "the run ended before the node was lost"
+    assert re.search(r"resumed from \S+step_000003 at step 3", output), output[-4000:]
+    assert train_losses(out) == train_losses(trained[0])
+
+
 def rank_of(pid: int) -> int:
     return int(dict(v.split("=", 1) for v in (Path("/proc") / str(pid) / "environ").read_text().split("\0")
                     if "=" in v)["RANK"])
