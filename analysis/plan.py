@@ -4,11 +4,15 @@ Parameters and FLOPs per token come from pretrain/flops.py (the formulas of the 
 Memory is estimated per GPU for every pipeline stage, and the most loaded stage decides:
 
 - model states, as DeepSpeed holds them (bytes per parameter of the stage, P = its parameters / TP):
-  weights in the training precision (w = 2 in bf16, 4 in fp32), their gradients (w; divided by DP under
-  ZeRO-2/3), and per data-parallel rank 1/DP of: fp32 master weights (4), Adam's two moments (8) and the
-  fp32 gradient partition of the step (4); ZeRO-3 also divides the weights by DP. Plus DeepSpeed's
-  gradient buckets: min(P, 5e8 elements) in the gradient precision. Under context parallelism DP here
-  is data x context ranks: ZeRO partitions over both.
+  weights in the training precision (w = 2 in bf16, 4 in fp32; divided by DP under ZeRO-3), and per
+  data-parallel rank 1/DP of: fp32 master weights (4) and Adam's two moments (8). Under context
+  parallelism DP here is data x context ranks: ZeRO partitions over both.
+- gradients: in the training precision (w; divided by DP under ZeRO-2/3) plus DeepSpeed's reduce bucket,
+  min(P, 5e8 elements) x w (ZeRO-3 on a GPU allocates all 5e8), and for the optimizer step the fp32
+  gradient partition (4/DP). ZeRO-1/2 hold them from the first backward to the step, ZeRO-3 allocates its
+  gradient buffers once, at start.
+- ZeRO-3 gathers each parameter whole for the forward and backward passes and, with DeepSpeed's default
+  reuse distance (1e9), keeps them gathered: min(P, 1e9 elements) x w.
 - activations saved for the backward pass, per block and micro-batch of t = seq_len x micro_batch / CP tokens
   (e = 2 or 4 bytes per element; h, g query and kv heads, hd head_dim, f ffn_dim, TP splits the heads):
     two RMSNorms: fp32 input, normalised and scaled outputs          2 (4 + 2e) t d
@@ -24,8 +28,17 @@ Memory is estimated per GPU for every pipeline stage, and the most loaded stage 
   with activation checkpointing 'full' only each block's input is kept (e t d) and one block is recomputed
   at a time; with 'attention' the attention part is recomputed. Under sequence parallelism the d-sized
   tensors are split by TP too. A 1F1B pipeline stage k keeps min(PP - k, micro-batches) micro-batches in
-  flight; the last stage holds one micro-batch's logits and their gradients, t V / TP (e + 12) bytes.
+  flight; the last stage holds one micro-batch's logits for the loss, t V / TP x 8 bytes in either
+  precision (fp32: the logits and the cross-entropy's copy, in which the backward forms their gradient;
+  bf16: the logits, their fp32 copy and the bf16 gradient). Under a pipeline, DeepSpeed's last stage also
+  keeps the logits of its last two micro-batches in its buffers, after their backward and between steps
+  (its backward pass returns before it frees them): min(2, micro-batches) x t V / TP x e.
 - a reserve for what is not modelled (CUDA context, NCCL buffers, allocator fragmentation): --reserve-gib.
+
+The peak is the model states plus the larger of two phases: forward/backward (activations, logits, ZeRO-3's
+gathered parameters, and the gradients of earlier micro-batches when a step accumulates several) and the
+optimizer step (the gradients and the fp32 gradient partition); what lives in one phase is freed before
+the other.
 
 These are the tensors Loom's model saves (measured with saved-tensor hooks on the CPU); benchmarks/
 plan_memory.py compares the estimate with the peak memory of real runs on this machine.
@@ -46,6 +59,8 @@ from pretrain.flops import flops_per_token, param_counts
 GIB = 2 ** 30
 CUDA = torch.device("cuda")
 BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce_bucket_size
+LIVE_PARAMETERS = 1e9  # DeepSpeed's default stage3_max_live_parameters
+LOGIT_BYTES = 8  # per logit of the last stage, in fp32 and in bf16 (module docstring)
 
 
 @dataclasses.dataclass
@@ -55,15 +70,38 @@ class StageMemory:
     params: int
     """Parameters on one GPU of this stage."""
     weights: float
-    gradients: float
     optimizer: float
+    """fp32 master weights and Adam's moments."""
+    gradients: float
+    """Training-precision gradients and DeepSpeed's reduce bucket."""
+    step_gradients: float
+    """The fp32 gradient partition of the optimizer step."""
+    gathered: float
+    """ZeRO-3: the whole parameters, gathered for forward and backward."""
     activations: float
     logits: float
+    pipeline_outputs: float
+    """The logits DeepSpeed's last pipeline stage keeps in its buffers, in both phases."""
     reserve: float
+    accumulating: bool
+    """A step of several micro-batches: gradients live through the later micro-batches' forward passes."""
+    zero3: bool
+    """ZeRO-3 allocates its gradient buffers at start: they live through both phases."""
+
+    @property
+    def forward_backward(self) -> float:
+        held = self.gradients if self.accumulating and not self.zero3 else 0.0
+        return self.activations + self.logits + self.gathered + held
+
+    @property
+    def step(self) -> float:
+        return (0.0 if self.zero3 else self.gradients) + self.step_gradients
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.reserve
+        persistent = self.weights + self.optimizer + (self.gradients if self.zero3 else 0.0) + self.pipeline_outputs
+        persistent += self.reserve
+        return persistent + max(self.forward_backward, self.step)
 
 
 def block_params(cfg: TrainConfig) -> tuple[int, int]:
@@ -119,17 +157,20 @@ def stage_memory(cfg: TrainConfig, dp: int, stage: int, micro_batch: int, reserv
     shards = dp * p.cp  # ZeRO partitions over data- and context-parallel ranks alike
     weights = params * w / (shards if zero == 3 else 1)
     gradients = params * w / (shards if zero >= 2 else 1) + min(params, BUCKET_ELEMENTS) * w
-    optimizer = params * (4 + 8 + 4) / shards
+    optimizer = params * (4 + 8) / shards
+    gathered = min(params, LIVE_PARAMETERS) * w if zero == 3 else 0.0
     grad_accum = cfg.data.global_batch_size // (dp * micro_batch) or 1
     in_flight = min(p.pp - stage, grad_accum) if p.pp > 1 else 1
     kept, recomputed = block_activations(cfg, micro_batch, m.activation_checkpointing)
     activations = in_flight * blocks * kept + (recomputed if blocks else 0)
     if dense_mask(cfg) and blocks:
         activations += in_flight * micro_batch * cfg.data.seq_len ** 2 // p.cp  # the boolean mask blocks share
-    e = 2 if p.bf16 else 4
     t = cfg.data.seq_len * micro_batch // p.cp
-    logits = t * m.padded_vocab_size / p.tp * (e + 12) if stage == p.pp - 1 else 0.0
-    return StageMemory(stage, blocks, params, weights, gradients, optimizer, activations, logits, reserve_gib * GIB)
+    last = stage == p.pp - 1
+    logits = t * m.padded_vocab_size / p.tp * LOGIT_BYTES if last else 0.0
+    kept = min(2, grad_accum) * t * m.padded_vocab_size / p.tp * (2 if p.bf16 else 4) if last and p.pp > 1 else 0.0
+    return StageMemory(stage, blocks, params, weights, optimizer, gradients, params * 4 / shards, gathered,
+                       activations, logits, kept, reserve_gib * GIB, grad_accum > 1, zero == 3)
 
 
 def peak_stage(cfg: TrainConfig, dp: int, micro_batch: int, reserve_gib: float) -> StageMemory:
@@ -145,6 +186,10 @@ def largest_micro_batch(cfg: TrainConfig, dp: int, gpu_bytes: float, reserve_gib
             break
         best = micro
     return best
+
+
+MEMORY_TERMS = ("weights", "optimizer", "gradients", "step_gradients", "gathered", "activations", "logits",
+                "pipeline_outputs", "reserve")
 
 
 def plan(cfg: TrainConfig, gpus: int, gpu_memory_gib: float, peak_tflops: float, mfu: float, tokens: float,
@@ -176,8 +221,8 @@ def plan(cfg: TrainConfig, gpus: int, gpu_memory_gib: float, peak_tflops: float,
                        "per_gpu_peak_stage": peak.params},
         "flops_per_token": per_token,
         "memory_gib": {"stage": peak.stage, "blocks_on_stage": peak.blocks,
-                       **{k: getattr(peak, k) / GIB for k in ("weights", "gradients", "optimizer", "activations",
-                                                               "logits", "reserve", "total")},
+                       **{k: getattr(peak, k) / GIB for k in MEMORY_TERMS + ("forward_backward", "step", "total")},
+                       "accumulating": peak.accumulating, "zero3": peak.zero3,
                        "activations_without_checkpointing": no_ac, "activations_with_full_checkpointing": full_ac,
                        "gpu": gpu_memory_gib, "fits": peak.total <= gpu_memory_gib * GIB},
         "largest_micro_batch": largest_micro_batch(cfg, dp, gpu_memory_gib * GIB, reserve_gib),
@@ -205,9 +250,7 @@ def format_plan(report: dict) -> str:
                        f"{par['per_gpu_peak_stage'] / 1e9:.2f} B on a GPU of the fullest stage"),
         ("FLOPs/token", f"{report['flops_per_token'] / 1e9:.1f} GFLOP (6N + attention)"),
         (f"memory/GPU (stage {mem['stage']}, {mem['blocks_on_stage']} blocks)",
-         f"weights {mem['weights']:.1f} + grads {mem['gradients']:.1f} + optimizer {mem['optimizer']:.1f} + "
-         f"activations {mem['activations']:.1f} + logits {mem['logits']:.1f} + reserve {mem['reserve']:.1f} "
-         f"= {mem['total']:.1f} GiB of {mem['gpu']:g}: {'fits' if mem['fits'] else 'DOES NOT FIT'}"),
+         memory_line(mem)),
         ("activations", f"{mem['activations_without_checkpointing']:.1f} GiB without checkpointing, "
                         f"{mem['activations_with_full_checkpointing']:.1f} GiB with full checkpointing"),
         ("largest micro-batch", str(report["largest_micro_batch"]) if report["largest_micro_batch"]
@@ -220,3 +263,19 @@ def format_plan(report: dict) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def memory_line(mem: dict) -> str:
+    """'weights + optimizer [+ grads] + reserve + the larger phase (its terms) = total', in GiB."""
+    states = f"weights {mem['weights']:.1f} + optimizer {mem['optimizer']:.1f}"
+    states += f" + grads {mem['gradients']:.1f}" if mem["zero3"] else ""
+    states += f" + pipeline outputs {mem['pipeline_outputs']:.1f}" if mem["pipeline_outputs"] else ""
+    forward = [f"activations {mem['activations']:.1f}"] + ([f"logits {mem['logits']:.1f}"] if mem["logits"] else [])
+    forward += [f"gathered params {mem['gathered']:.1f}"] if mem["zero3"] else []
+    forward += [f"accumulated grads {mem['gradients']:.1f}"] if mem["accumulating"] and not mem["zero3"] else []
+    step = ([] if mem["zero3"] else [f"grads {mem['gradients']:.1f}"]) + [f"fp32 grads {mem['step_gradients']:.1f}"]
+    phases = [("forward/backward", mem["forward_backward"], forward), ("optimizer step", mem["step"], step)]
+    (name, _, terms), (other, other_gib, _) = sorted(phases, key=lambda ph: -ph[1])
+    return (f"{states} + reserve {mem['reserve']:.1f} + {name} ({' + '.join(terms)}) = {mem['total']:.1f} GiB "
+            f"of {mem['gpu']:g}: {'fits' if mem['fits'] else 'DOES NOT FIT'} (the {other} needs "
+            f"{other_gib:.1f})")

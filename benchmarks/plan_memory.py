@@ -73,9 +73,9 @@ LAYOUTS = {  # name: (processes, model, seq_len, micro-batch, micro-batches per 
     "tp2-sequence-parallel": (2, M8, 2048, 1, 1, {"tp": 2, "sequence_parallel": True}),
     "dp2-zero2": (2, M20, 256, 8, 1, {"zero_stage": 2}),
     "dp2-zero3": (2, M20, 256, 8, 1, {"zero_stage": 3}),
-    "pp2-1-micro-batch": (2, M8, 1024, 2, 1, {"pp": 2}),
-    "pp2-2-micro-batches": (2, M8, 1024, 2, 2, {"pp": 2}),
-    "pp2-4-micro-batches": (2, M8, 1024, 2, 4, {"pp": 2}),
+    "pp2-1-micro-batch": (2, M20, 512, 4, 1, {"pp": 2}),
+    "pp2-2-micro-batches": (2, M20, 512, 4, 2, {"pp": 2}),
+    "pp2-4-micro-batches": (2, M20, 512, 4, 4, {"pp": 2}),
     "dp2-bf16": (2, M20, 256, 8, 1, {"bf16": True}),
 }
 
@@ -132,7 +132,7 @@ def measure_layout() -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from analysis.plan import GIB, stage_memory
+    from analysis.plan import GIB, MEMORY_TERMS, stage_memory
     from pretrain.parallel import destroy_distributed, init_distributed, parallelize
     from pretrain.step import PipelineLoss, run_step
 
@@ -155,8 +155,7 @@ def measure_layout() -> None:
     measured = kib("VmHWM") - before
     row = {"case": name, "rank": layout.rank, "stage": stage, "measured_gib": measured / GIB,
            "estimated_gib": estimate.total / GIB, "ratio": measured / estimate.total,
-           "terms_gib": {k: getattr(estimate, k) / GIB for k in ("weights", "gradients", "optimizer", "activations",
-                                                                 "logits")}}
+           "terms_gib": {k: getattr(estimate, k) / GIB for k in MEMORY_TERMS}}
     rows = [None] * layout.world_size
     dist.all_gather_object(rows, row)
     if layout.rank == 0:
