@@ -1,6 +1,8 @@
 """Training through the faults of clusters, each injected for real: a worker SIGKILLed under two torchrun agents
-(--nnodes 2, loopback rendezvous), SIGTERM, a NaN on one rank, a run of loss spikes, a full disk, a hung
-collective. Runs are compared with the uninterrupted reference run (`trained`, conftest)."""
+(--nnodes 2, loopback rendezvous), a node lost between two hosts (network namespaces), SIGTERM to every process
+or to one rank, a NaN on one rank, a run of loss spikes, a full disk, a filesystem too small to start, a hung
+collective, a collective whose peer died. Runs are compared with the uninterrupted reference run (`trained`,
+conftest)."""
 
 import json
 import os
@@ -116,8 +118,8 @@ def two_hosts(tmp_path):
     both, as a cluster's nodes resolve each other. Returns start(host, *loom_args) -> Popen. Needs root (CI
     runs as root), or CAP_NET_ADMIN and CAP_SYS_ADMIN."""
     tag = f"{os.getpid() % 100000}"
-    hosts = {"node-a": (f"loom{tag}a", "10.231.7.1", f"lv{tag}a"), "node-b": (f"loom{tag}b", "10.231.7.2",
-                                                                             f"lv{tag}b")}
+    hosts = {"node-a": (f"loom{tag}a", "10.231.7.1", f"lv{tag}a"),  # namespace, address, veth end
+             "node-b": (f"loom{tag}b", "10.231.7.2", f"lv{tag}b")}
     hosts_file = tmp_path / "hosts"
     hosts_file.write_text("127.0.0.1 localhost\n" + "".join(f"{a} {h}\n" for h, (_, a, _) in hosts.items()))
     (ns_a, _, dev_a), (ns_b, _, dev_b) = hosts.values()
@@ -125,9 +127,8 @@ def two_hosts(tmp_path):
              ["ip", "link", "add", dev_a, "type", "veth", "peer", "name", dev_b],
              ["ip", "link", "set", dev_a, "netns", ns_a], ["ip", "link", "set", dev_b, "netns", ns_b]]
     for ns, address, dev in hosts.values():
-        setup += [["ip", "-n", ns, "addr", "add", f"{address}/24", "dev", dev], ["ip", "-n", ns, "link", "set", dev,
-                                                                                 "up"],
-                  ["ip", "-n", ns, "link", "set", "lo", "up"]]
+        setup += [["ip", "-n", ns, "addr", "add", f"{address}/24", "dev", dev],
+                  ["ip", "-n", ns, "link", "set", dev, "up"], ["ip", "-n", ns, "link", "set", "lo", "up"]]
     try:
         for command in setup:
             made = subprocess.run(command, capture_output=True, text=True)
@@ -168,6 +169,8 @@ def test_two_hosts_survive_the_loss_of_a_node(two_hosts, trained, world, tmp_pat
     assert all(code == 0 for code, _ in results), "\n".join(o[-4000:] for _, o in results)
     assert lost_at < 6, "the run ended before the node was lost"
     assert re.search(r"resumed from \S+step_000003 at step 3", output), output[-4000:]
+    # node-a's worker learnt of the loss in a collective with node-b's address (PhaseError names phase and step)
+    assert re.search(r"rank \d: .+ at step \d failed: .*10\.231\.7\.2", output), output[-4000:]
     assert train_losses(out) == train_losses(trained[0])
 
 
