@@ -64,6 +64,10 @@ class Reconstructions:
         frames_a, frames_b = pixels.flatten(0, 1), recon.flatten(0, 1)
         mse = (frames_a - frames_b).pow(2).flatten(1).mean(1).view(pixels.shape[0], -1).mean(1)
         self.sums[f"psnr_{kind}"] += sum(psnr(m) for m in mse.tolist())
+        # the baseline a tokenizer must beat to carry more than colour averages: each frame as its mean colour
+        flat = frames_a.mean((2, 3), keepdim=True)
+        flat_mse = (frames_a - flat).pow(2).flatten(1).mean(1).view(pixels.shape[0], -1).mean(1)
+        self.sums[f"flat_psnr_{kind}"] += sum(psnr(m) for m in flat_mse.tolist())
         self.sums[f"ssim_{kind}"] += ssim(frames_a, frames_b).view(pixels.shape[0], -1).mean(1).sum().item()
         self.counts[kind] += pixels.shape[0]
         return codes, recon
@@ -71,8 +75,9 @@ class Reconstructions:
     def result(self) -> dict:
         out = {}
         for key, total in self.sums.items():
-            out[key] = total / self.counts[key.split("_", 1)[1]]
-        for metric in ("psnr", "ssim"):
+            kind = key.removeprefix("flat_").split("_", 1)[1]
+            out[key] = total / self.counts[kind]
+        for metric in ("psnr", "ssim", "flat_psnr"):
             n = sum(self.counts.values())
             out[metric] = sum(self.sums[f"{metric}_{k}"] for k in self.counts) / max(n, 1)
         return {**out, **code_statistics(self.histogram), "clips": dict(self.counts)}

@@ -104,8 +104,9 @@ def cmd_vq_eval(args) -> int:
         Path(args.out).write_text(text + "\n")
     print(text)
     usage = f"{result['codes_used']}/{result['codebook_size']}"
-    print(f"visual tokenizer eval: {result['images']} images, {result['videos']} videos: PSNR {result['psnr']:.2f} dB, "
-          f"SSIM {result['ssim']:.3f}, {usage} codes used, perplexity {result['perplexity']:.0f}, "
+    print(f"visual tokenizer eval: {result['images']} images, {result['videos']} videos: PSNR {result['psnr']:.2f} dB "
+          f"(each frame as its mean colour: {result['flat_psnr']:.2f} dB), SSIM {result['ssim']:.3f}, {usage} codes "
+          f"used, perplexity {result['perplexity']:.0f}, "
           f"{result['skipped']['total']} skipped")
     return 0
 

@@ -96,36 +96,26 @@ def test_chameleon_export_matches_and_wrong_formats_are_refused(chameleon, sourc
 
 
 @pytest.mark.slow
-def test_transformers_generates_an_image_from_an_emu3_export(sources, tmp_path):
-    from transformers import Emu3ForConditionalGeneration, Emu3Processor
+def test_transformers_generates_the_image_loom_generates(sources, world, tmp_path):
+    """Greedy text-to-image of the same prompts, without and with classifier-free guidance: transformers'
+    `generate` on the Emu3 export (its processor's prompt, the grid forced as transformers' example does,
+    `decode_image_tokens`) draws the image `loom generate` draws from the checkpoint, code for code; pixels
+    differ only by the rounding of two decoders' floats."""
+    import numpy as np
+
+    from analysis.generate import Generator, Sampling
+    from analysis.transformers_images import TransformersImages
 
     out = export(sources / "tp2-dp2-zero3", tmp_path / "emu3", "emu3")
-    model = Emu3ForConditionalGeneration.from_pretrained(out).eval()
-    processor = Emu3Processor.from_pretrained(out)
-    tok = processor.tokenizer
-    h = w = 4  # 32x32 pixels through the 8x VQ
-    prompt = ([tok.bos_token_id] + tok.encode("a red square", add_special_tokens=False)
-              + tok.convert_tokens_to_ids([processor.image_start_token])
-              + tok.encode(f"{h}*{w}", add_special_tokens=False)
-              + tok.convert_tokens_to_ids([processor.fake_token_around_image]))
-    visual = model.model.vocabulary_mapping.image_tokens
-    eol = model.model.vocabulary_mapping.eol_token_id
-    eof, end = tok.convert_tokens_to_ids([processor.eof_token, processor.image_end_token])
-
-    def allowed(batch_id, input_ids):  # the Emu3 grid: w codes then eol, h rows, then eof, end, eos
-        i = len(input_ids) - len(prompt)
-        if i < h * (w + 1):
-            return [eol] if i % (w + 1) == w else visual
-        return [[eof], [end]][i - h * (w + 1)] if i < h * (w + 1) + 2 else [tok.eos_token_id]
-
-    generated = model.generate(torch.tensor([prompt]), max_new_tokens=h * (w + 1) + 3, do_sample=True, top_k=50,
-                               prefix_allowed_tokens_fn=allowed)[:, len(prompt):]
-    assert generated.shape == (1, h * (w + 1) + 3)
-    pixels = model.decode_image_tokens(image_tokens=generated, height=h, width=w)
-    assert pixels.shape == (1, 3, 32, 32) and torch.isfinite(pixels).all()
-    image = processor.postprocess(pixels, return_tensors="PIL.Image.Image")["pixel_values"][0]
-    image.save(tmp_path / "generated.png")
-    assert image.size == (32, 32)
+    theirs, ours = TransformersImages(out), Generator.from_checkpoint(sources / "tp2-dp2-zero3", data=world / "tokens")
+    prompts = ["A red square.", "A blue circle on the left.", "Two green triangles."]
+    for guidance in (1.0, 3.0):
+        sampling = Sampling(temperature=0, cfg_scale=guidance)
+        for prompt, a, b in zip(prompts, theirs.images(prompts, sampling), ours.images(prompts, sampling)):
+            assert a.shape == b.shape == (32, 32, 3)
+            gap = np.abs(a.astype(int) - b.astype(int))
+            assert gap.max() <= 2, (prompt, guidance, gap.max())  # another code would change a whole 8x8 patch
+        assert len({image.tobytes() for image in ours.images(prompts, sampling)}) > 1  # the prompts matter
 
 
 def loom_documents(world) -> dict:

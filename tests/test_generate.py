@@ -193,6 +193,22 @@ def test_generate_command_and_background_shapes_eval_on_a_tp2_pp2_checkpoint(sou
     assert len(files) == 4 and Image.open(files[0]).size == (24, 16)
     assert "generate: 4 image samples" in image.stdout
 
+    # in fp32 the command draws exactly what the Generator API draws for the same prompts, sampling and seed
+    # (the API is held to transformers' generate in test_convert); two samples of one prompt differ
+    from analysis.generate import Generator, Sampling
+    from data_pipeline.media import decode_image
+
+    prompts = ["A red circle on the left."] * 2 + ["A blue square."] * 2
+    fp32 = run_loom("generate", run, "--mode", "image", "--prompt", *dict.fromkeys(prompts), "--n", "2",
+                    "--temperature", "1", "--cfg-scale", "3", "--seed", "5", "--out", tmp_path / "fp32")
+    assert fp32.returncode == 0, fp32.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "fp32" / "samples.jsonl").read_text().splitlines()]
+    expected = Generator.from_checkpoint(run).images(prompts, Sampling(temperature=1, cfg_scale=3, seed=5))
+    assert [r["prompt"] for r in records] == prompts
+    for record, rgb in zip(records, expected):
+        assert np.array_equal(decode_image((tmp_path / "fp32" / record["file"]).read_bytes()), rgb), record
+    assert len({rgb.tobytes() for rgb in expected}) == 4
+
     # what the training loop does at a checkpoint: `loom eval shapes` in a child, one at a time
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
         f"out_dir={tmp_path / 'run'}", f"data.sources.shapes.path={run}", "checkpoint.interval=3",
