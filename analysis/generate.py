@@ -173,6 +173,15 @@ class Generator:
         gen.run_config, gen.checkpoint = cfg, shared
         return gen
 
+    def untrained(self) -> "Generator":
+        """The same tokenizers with the run's step-0 model: its config and seed (Loom's initialisation does not
+        depend on the layout), the baseline a trained checkpoint is compared with."""
+        from pretrain.parallel import tensor_parallel_of
+
+        cfg = self.run_config
+        model = Transformer(self.model.cfg, tensor_parallel_of(cfg), cfg.seed).eval()
+        return Generator(model, self.text, self.vocabulary, self.visual, self.image_size)
+
     @property
     def default_grid(self) -> tuple[int, int]:
         side = self.image_size // self.visual.spatial

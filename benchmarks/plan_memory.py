@@ -80,6 +80,14 @@ LAYOUTS = {  # name: (processes, model, seq_len, micro-batch, micro-batches per 
 }
 
 
+def resident_baseline() -> int:
+    """Resident bytes now, with freed memory returned to the system and the peak (VmHWM) reset to it."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    reset_peak()
+    return kib("VmRSS")
+
+
 def config(model: dict, seq: int, micro: int, checkpointing: str, parallel: dict | None = None, steps_of: int = 1,
            dp: int = 1) -> TrainConfig:
     # attention as the CPU trains it (a dense mask), so that the plan models what is measured
@@ -110,10 +118,7 @@ def measure(name: str) -> dict:
 
     model, seq, micro, checkpointing = CASES[name]
     cfg = config(model, seq, micro, checkpointing)
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    reset_peak()
-    before = kib("VmRSS")
+    before = resident_baseline()
     layout = Layout(0, 1, 0, 1, 1, 1, 0, torch.device("cpu"))
     engine = parallelize(cfg, layout)
     batch = packed_batch(micro, seq)
@@ -142,10 +147,7 @@ def measure_layout() -> None:
     cfg = config(model, seq, micro, "none", parallel, steps_of, processes // (tp * pp))
     torch.set_num_threads(1)
     layout = init_distributed(cfg)
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    reset_peak()
-    before = kib("VmRSS")
+    before = resident_baseline()
     pipeline_loss = PipelineLoss(cfg.model.z_loss) if pp > 1 else None
     engine = parallelize(cfg, layout, pipeline_loss)
     for _ in range(2):

@@ -3,9 +3,8 @@ cache against full recomputation, in one run.
 
     python benchmarks/shapes_eval.py runs/quickstart/train [--n 32] [--cfg-scale 3]
 
-The untrained model is the run's step 0: the same config and seed (Loom's initialisation does not
-depend on the layout). Prints the per-category table for both, then images/s of text-to-image
-sampling with and without the cache and their ratio.
+The untrained model is the run's step 0 (`Generator.untrained`). Prints the per-category table for both,
+then images/s of text-to-image sampling with and without the cache and their ratio.
 """
 
 from __future__ import annotations
@@ -22,8 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from analysis.generate import Generator, Sampling  # noqa: E402
-from pretrain.model import Transformer  # noqa: E402
-from pretrain.parallel import tensor_parallel_of  # noqa: E402
 from analysis.shapes_eval import CATEGORIES, shapes_eval  # noqa: E402
 
 
@@ -37,9 +34,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
 
     trained = Generator.from_checkpoint(args.checkpoint)
-    cfg, run_cfg = trained.model.cfg, trained.run_config
-    untrained_model = Transformer(cfg, tensor_parallel_of(run_cfg), run_cfg.seed).eval()
-    untrained = Generator(untrained_model, trained.text, trained.vocabulary, trained.visual, trained.image_size)
+    cfg, untrained = trained.model.cfg, trained.untrained()
     sampling = Sampling(cfg_scale=args.cfg_scale)
     results = {}
     for name, gen in (("untrained (step 0)", untrained), (f"trained (step {trained.checkpoint['step']})", trained)):

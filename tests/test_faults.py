@@ -7,7 +7,6 @@ conftest)."""
 import json
 import os
 import re
-import shlex
 import signal
 import socket
 import subprocess
@@ -22,6 +21,7 @@ import torch
 from common.checkpoint_folders import COMPLETE, latest_tag
 from common.manifest import verify
 from conftest import REPO, run_loom, train_args, train_losses
+from launch.cluster import shell_line
 from common.metrics import read_metrics
 
 
@@ -137,7 +137,7 @@ def two_hosts(tmp_path):
 
         def start(host: str, *args) -> subprocess.Popen:
             ns = hosts[host][0]
-            loom = " ".join(shlex.quote(str(a)) for a in [sys.executable, "-m", "launch.cli", *args])
+            loom = shell_line([sys.executable, "-m", "launch.cli", *map(str, args)])
             return subprocess.Popen(["ip", "netns", "exec", ns, "unshare", "--uts", "--mount", "sh", "-c",
                                      f"mount --bind {hosts_file} /etc/hosts && hostname {host} && exec {loom}"],
                                     cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -316,10 +316,9 @@ def test_refuses_to_start_without_room_for_a_checkpoint(world, tmp_path):
     refuses before training, naming the filesystem's free space."""
     small = tmp_path / "small_disk"
     small.mkdir()
-    command = [sys.executable, "-m", "launch.cli", *train_args(world, small / "run")]
-    args = " ".join(shlex.quote(str(a)) for a in command)
+    args = shell_line([sys.executable, "-m", "launch.cli", *map(str, train_args(world, small / "run"))])
     result = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c",
-                             f"mount -t tmpfs -o size=1m loom_test {shlex.quote(str(small))} && exec {args}"],
+                             f"mount -t tmpfs -o size=1m loom_test {shell_line([str(small)])} && exec {args}"],
                             cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert "mount" not in result.stderr.split("\n")[0], f"could not make a small filesystem: {result.stderr}"

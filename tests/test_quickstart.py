@@ -65,17 +65,13 @@ def test_quickstart_end_to_end_then_skips_finished_stages(tmp_path):
 
 
 def colors_accuracy(run, prompts: int) -> dict:
-    """ShapesEval's colors category (guidance 3) of the run's last checkpoint and of its step 0 (the same config
-    and seed: Loom's initialisation does not depend on the layout)."""
+    """ShapesEval's colors category (guidance 3) of the run's last checkpoint and of its step 0."""
     from analysis.generate import Generator, Sampling
     from analysis.shapes_eval import shapes_eval
-    from pretrain.model import Transformer
-    from pretrain.parallel import single_process_groups, tensor_parallel_of
+    from pretrain.parallel import single_process_groups
 
     single_process_groups()
     trained = Generator.from_checkpoint(run)
-    cfg, run_cfg = trained.model.cfg, trained.run_config
-    untrained = Generator(Transformer(cfg, tensor_parallel_of(run_cfg), run_cfg.seed).eval(), trained.text,
-                          trained.vocabulary, trained.visual, trained.image_size)
+    untrained = trained.untrained()
     return {name: shapes_eval(gen, prompts, Sampling(cfg_scale=3), categories=("colors",))["accuracy"]["colors"]
             for name, gen in (("untrained", untrained), ("trained", trained))}
