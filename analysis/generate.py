@@ -27,6 +27,7 @@ from data_pipeline.tokenize import DocumentEncoder
 from data_pipeline.visual_tokenizer import VisualTokenizer
 from data_pipeline.vocab import Vocabulary
 from pretrain.model import KVCache, Transformer
+from pretrain.parallel import tensor_parallel_of
 from .nll import load_model
 
 VISUAL = -1  # a template slot where the model picks any visual code
@@ -176,8 +177,6 @@ class Generator:
     def untrained(self) -> "Generator":
         """The same tokenizers with the run's step-0 model: its config and seed (Loom's initialisation does not
         depend on the layout), the baseline a trained checkpoint is compared with."""
-        from pretrain.parallel import tensor_parallel_of
-
         cfg = self.run_config
         model = Transformer(self.model.cfg, tensor_parallel_of(cfg), cfg.seed).eval()
         return Generator(model, self.text, self.vocabulary, self.visual, self.image_size)
