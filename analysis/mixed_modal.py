@@ -62,11 +62,26 @@ def predict_bimodal(fit: dict, n, d_i, d_j) -> np.ndarray:
         f["A"] / n ** f["alpha"] + f["B"] / (d_i + d_j) ** f["beta"]
 
 
+def modality_losses(row: dict) -> dict:
+    """A sweep row's held-out loss per kind, each kind measured on the held-out source where it makes up the largest
+    share of loss tokens (text loss on text documents, not on image captions) when the run evaluated its sources
+    one by one; the total, and every kind of a run without per-source evaluation, from the mixed held-out set
+    (else from training)."""
+    mixed = dict(row.get("eval_loss") or row["final_loss"])
+    by_source = row.get("eval_by_source") or {}
+    for kind in mixed:
+        shares = {name: s["tokens"].get(kind, 0) / sum(s["tokens"].values()) for name, s in by_source.items()
+                  if kind != "total" and kind in s["loss"]}
+        if shares:
+            mixed[kind] = by_source[max(shares, key=shares.get)]["loss"][kind]
+    return mixed
+
+
 def fit_bimodal(rows: list[dict], i: str = "text", j: str = "image", params: str = "N") -> dict:
     """Aghajanyan et al.'s bimodal law from sweep rows with an image share (0: only i, 1: only j, between: both),
-    each with held-out (else training) losses per kind."""
+    each with held-out (else training) losses per kind, measured per modality where the run has them."""
     def loss(r, kind):
-        return (r.get("eval_loss") or r["final_loss"])[kind]
+        return modality_losses(r)[kind]
 
     share = np.array([r.get("image_share") if r.get("image_share") is not None else np.nan for r in rows])
     only_i, only_j, mixed = share == 0, share == 1, (share > 0) & (share < 1)

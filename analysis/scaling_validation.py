@@ -15,6 +15,7 @@ import numpy as np
 from .scaling import FitError, fit_approach3, predict
 
 DEFAULT_THRESHOLD = 0.05
+DEFAULT_KIND_THRESHOLD = 0.10  # a single modality's loss: the target, looser than the total's
 NEGLIGIBLE_LOSS = 0.05  # nats: a kind whose held-out losses all lie below has nothing left to predict (relative
 #                         errors of near-zero losses, e.g. Loom's deterministic visual-structure tokens, mean nothing)
 

@@ -218,6 +218,7 @@ def record(spec: SweepSpec, point: Point) -> dict:
             "N": point.params["total"], "N_non_embedding": point.params["non_embedding"], "D": point.tokens,
             "flops_per_token": point.flops_per_token, "C": point.flops_per_token * point.tokens,
             "final_loss": summary["final_loss"], "eval_loss": summary.get("final_eval_loss"),
+            "eval_by_source": summary.get("final_eval_by_source"),
             "tokens_by_kind": summary.get("consumed_tokens", {}), "mixture": point.mixture,
             "image_share": point.image_share, "wall_seconds": wall, "run_dir": str(folder)}
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .mixed_modal import fit_bimodal
+from .mixed_modal import fit_bimodal, modality_losses
 from .scaling import FitError, fit_approach2, fit_approach3, optimal_allocation
 from .scaling_plots import plot_kind
-from .scaling_validation import DEFAULT_THRESHOLD, validate_law
+from .scaling_validation import DEFAULT_KIND_THRESHOLD, DEFAULT_THRESHOLD, validate_law
 
 
 def load_results(path: str | Path) -> list[dict]:
@@ -30,8 +30,9 @@ def budget_value(budget: str) -> float:
 
 
 def losses(row: dict) -> tuple[dict, str]:
-    """The held-out loss per kind where the run evaluated, else the final training loss."""
-    return (row["eval_loss"], "eval") if row.get("eval_loss") else (row["final_loss"], "train")
+    """The held-out loss per kind (each modality on its own documents where the run evaluated its sources one by
+    one) where the run evaluated, else the final training loss."""
+    return (modality_losses(row), "eval") if row.get("eval_loss") else (row["final_loss"], "train")
 
 
 def trained_rows(rows: list[dict], min_steps: int, log=print) -> tuple[list[dict], list[str]]:
@@ -47,9 +48,11 @@ def trained_rows(rows: list[dict], min_steps: int, log=print) -> tuple[list[dict
 
 
 def fit_sweep(results: str | Path, out: str | Path, budget: float | None = None, params: str = "N",
-              bootstrap: int = 100, min_steps: int = 100, threshold: float = DEFAULT_THRESHOLD, log=print) -> dict:
+              bootstrap: int = 100, min_steps: int = 100, threshold: float = DEFAULT_THRESHOLD,
+              kind_threshold: float = DEFAULT_KIND_THRESHOLD, log=print) -> dict:
     """Fit and validate every loss kind of a results table (per mixture where the sweep has a mixture axis, plus
-    the bimodal law across mixtures); writes report.json and PNG plots into `out`."""
+    the bimodal law across mixtures); writes report.json and PNG plots into `out`. The total loss's law must
+    predict within `threshold`, each single kind's within `kind_threshold`."""
     rows, left_out = trained_rows(load_results(results), min_steps, log)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,11 +60,11 @@ def fit_sweep(results: str | Path, out: str | Path, budget: float | None = None,
               "left_out": left_out, "loss_source": sorted({losses(r)[1] for r in rows})}
     mixtures = sorted({r.get("mixture") or "" for r in rows})
     if mixtures == [""]:
-        report["kinds"] = fit_kinds(rows, out, "", budget, params, bootstrap, threshold, log)
+        report["kinds"] = fit_kinds(rows, out, "", budget, params, bootstrap, (threshold, kind_threshold), log)
     else:
         report["mixtures"] = {m: {"image_share": next(r.get("image_share") for r in rows if r.get("mixture") == m),
                                   "kinds": fit_kinds([r for r in rows if r.get("mixture") == m], out, m, budget,
-                                                     params, bootstrap, threshold, log)}
+                                                     params, bootstrap, (threshold, kind_threshold), log)}
                               for m in mixtures}
         try:
             report["bimodal"] = fit_bimodal(rows, params=params)
@@ -78,8 +81,9 @@ def fit_sweep(results: str | Path, out: str | Path, budget: float | None = None,
 
 
 def fit_kinds(rows: list[dict], out: Path, mixture: str, budget: float | None, params: str, bootstrap: int,
-              threshold: float, log=print) -> dict:
-    """Approach 3 (with validation on held-out budgets) and approach 2 per loss kind of one mixture's rows."""
+              thresholds: tuple[float, float], log=print) -> dict:
+    """Approach 3 (with validation on held-out budgets, within thresholds = (total's, each other kind's)) and
+    approach 2 per loss kind of one mixture's rows."""
     kinds = sorted(set.intersection(*(set(losses(r)[0]) for r in rows)))
     n = np.array([r[params] for r in rows], dtype=np.float64)
     d = np.array([r["D"] for r in rows], dtype=np.float64)
@@ -92,7 +96,8 @@ def fit_kinds(rows: list[dict], out: Path, mixture: str, budget: float | None, p
         loss = np.array([losses(r)[0][kind] for r in rows])
         try:
             entry = {"approach3": fit_approach3(n, d, loss, bootstrap),
-                     "validation": validate_law(n, d, loss, budget_values, threshold)}
+                     "validation": validate_law(n, d, loss, budget_values,
+                                                thresholds[0] if kind == "total" else thresholds[1])}
         except FitError as e:
             fitted[kind] = {"error": str(e)}
             log(f"sweep fit [{name}]: not fitted: {e}")

@@ -30,12 +30,15 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **record}) + "\n")
         if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, dict):
-                    for sub, v in value.items():
-                        self.writer.add_scalar(f"{key}/{sub}", v, step)
-                elif isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, step)
+            self._scalars("", record, step)
+
+    def _scalars(self, prefix: str, record: dict, step: int) -> None:
+        """Every number of a nested record as a TensorBoard scalar named by its path (eval_loss/image)."""
+        for key, value in record.items():
+            if isinstance(value, dict):
+                self._scalars(f"{prefix}{key}/", value, step)
+            elif isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{prefix}{key}", value, step)
 
     def close(self) -> None:
         if self.writer is not None:

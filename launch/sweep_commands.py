@@ -25,7 +25,7 @@ def cmd_sweep_fit(args) -> int:
     from analysis.sweep_fit import fit_sweep, laws_that_do_not_predict
 
     report = fit_sweep(args.results, args.out or Path(args.results).parent / "fit", args.budget, args.params,
-                       args.bootstrap, args.min_steps, args.threshold)
+                       args.bootstrap, args.min_steps, args.threshold, args.kind_threshold)
     return 3 if args.strict and laws_that_do_not_predict(report) else 0
 
 
@@ -51,6 +51,8 @@ def add_parsers(sub) -> None:
                    help="points that trained fewer steps are listed and left out of the fits (default 100)")
     p.add_argument("--threshold", type=float, default=0.05,
                    help="held-out error (mean |predicted/observed - 1| on the largest budget) above which the law "
-                        "is reported as not predicting (default 0.05)")
+                        "is reported as not predicting, for the total loss (default 0.05)")
+    p.add_argument("--kind-threshold", type=float, default=0.10,
+                   help="the same for each single loss kind (text, image, ...; default 0.10)")
     p.add_argument("--strict", action="store_true", help="exit with status 3 when a loss kind's law does not predict")
     p.set_defaults(func=cmd_sweep_fit)

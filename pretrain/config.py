@@ -150,8 +150,10 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
-    sources: dict[str, SourceConfig] = doc("Held-out token-shard sources (weights mix them as in data). "
-                                           "Empty: no evaluation.", factory=dict)
+    sources: dict[str, SourceConfig] = doc("Held-out token-shard sources (weights mix them as in data). With "
+                                           "several, each is also evaluated alone (eval_by_source: each "
+                                           "modality's loss on its own documents). Empty: no evaluation.",
+                                           factory=dict)
     interval: int = doc("Evaluate every this many steps, before the first step and at the end. "
                         "0: only before the first step and at the end.", 0)
     sequences: int = doc("Sequences in one evaluation (always the same ones); divisible by data-parallel "

@@ -38,4 +38,6 @@ def summarize(records: list[dict], last: int = 10) -> dict:
     evals = [r for r in records if "eval_loss" in r]
     if len(evals) >= 2:
         summary["initial_eval_loss"], summary["final_eval_loss"] = evals[0]["eval_loss"], evals[-1]["eval_loss"]
+        if "eval_by_source" in evals[-1]:
+            summary["final_eval_by_source"] = evals[-1]["eval_by_source"]
     return summary

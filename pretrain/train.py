@@ -70,9 +70,12 @@ def train(cfg: TrainConfig, hooks: list[TrainHooks] = ()) -> dict:
     def run_eval():
         if eval_sources:
             with phase("evaluation"):
-                losses = evaluate(engine, cfg, eval_sources, vocab, layout, pipeline_loss)
-            metrics.log(state.step, {"eval_loss": losses, "eval_bits_per_token": bits_per_token(losses)})
-            say(f"eval at step {state.step} | " + " ".join(f"{k} {v:.3f}" for k, v in losses.items()))
+                losses, by_source = evaluate(engine, cfg, eval_sources, vocab, layout, pipeline_loss)
+            record = {"eval_loss": losses, "eval_bits_per_token": bits_per_token(losses)}
+            metrics.log(state.step, {**record, "eval_by_source": by_source} if by_source else record)
+            say(f"eval at step {state.step} | " + " ".join(f"{k} {v:.3f}" for k, v in losses.items()) +
+                "".join(f" | {name}: " + " ".join(f"{k} {v:.3f}" for k, v in s["loss"].items())
+                        for name, s in by_source.items()))
 
     if state.step == 0:
         run_eval()

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import REPO, run_loom
-from analysis.mixed_modal import fit_bimodal
+from analysis.mixed_modal import fit_bimodal, modality_losses
 from analysis.scaling_validation import validate_law
 from analysis.sweep import load_spec, make_point, place_next_budgets, plan, point_dir
 from analysis.sweep_placement import place_depths, predict_n_opt
@@ -163,6 +163,15 @@ def test_bimodal_law_recovers_known_interaction_parameters():
         assert abs(fit["interaction"][key] / value - 1) < 0.10, (key, fit["interaction"][key], value)
     assert abs(fit["unimodal"]["i"]["alpha"] / 0.34 - 1) < 0.05 and abs(fit["unimodal"]["j"]["alpha"] / 0.40 - 1) < 0.05
     assert fit["mean_abs_relative_error"] < 0.002
+
+
+def test_each_modality_is_measured_on_the_held_out_source_where_it_is_the_data():
+    by_source = {"text": {"loss": {"total": 2.0, "text": 2.0}, "tokens": {"text": 1000}},
+                 "images": {"loss": {"total": 1.5, "text": 3.1, "image": 1.4}, "tokens": {"text": 80, "image": 900}}}
+    row = {"eval_loss": {"total": 1.7, "text": 2.4, "image": 1.4}, "eval_by_source": by_source, "final_loss": {}}
+    # text on text documents (not captions), image on image documents, the total on the configured mix
+    assert modality_losses(row) == {"total": 1.7, "text": 2.0, "image": 1.4}
+    assert modality_losses({"eval_loss": {"total": 1.7, "text": 2.4}, "final_loss": {}}) == {"total": 1.7, "text": 2.4}
 
 
 def test_bimodal_law_needs_unimodal_and_mixed_runs():

@@ -35,6 +35,32 @@ def test_two_process_training_writes_everything(trained):
 
 
 @pytest.mark.slow
+def test_each_held_out_source_is_also_evaluated_on_its_own(world, trained, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "two_sources"
+    result = run_loom(*train_args(world, out, f"eval.sources.seen.path={world / 'tokens'}",
+                                  "eval.sources.seen.weight=3", "schedule.steps=1", "schedule.warmup_steps=0",
+                                  "checkpoint.interval=0"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = [r for r in read_metrics(out) if "eval_loss" in r][0]
+    reference = [r for r in read_metrics(trained[0]) if "eval_loss" in r][0]
+    # the held-out source alone reads the documents the one-source reference run evaluated, with the same weights
+    assert first["eval_by_source"]["shapes"]["loss"] == reference["eval_loss"]
+    assert first["eval_by_source"]["seen"]["loss"] != first["eval_by_source"]["shapes"]["loss"]
+    assert first["eval_loss"] != reference["eval_loss"]  # the mixed set draws from both
+    for name in ("shapes", "seen"):
+        tokens = first["eval_by_source"][name]["tokens"]
+        assert set(tokens) == set(first["eval_by_source"][name]["loss"]) - {"total"} and min(tokens.values()) > 0
+    assert "| shapes: total" in result.stdout and "| seen: total" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["final_eval_by_source"]) == {"shapes", "seen"}
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"eval_by_source/shapes/loss/image", "eval_by_source/seen/tokens/text"} <= set(events.Tags()["scalars"])
+
+
+@pytest.mark.slow
 def test_chameleon_preset_trains_with_z_loss(world, tmp_path):
     out = tmp_path / "cham"
     args = train_args(world, out, "model.preset=chameleon", "schedule.steps=3")
