@@ -21,6 +21,11 @@ Data-parallel rank d of D trains rows [d*P/D, (d+1)*P/D) and runs only those str
 a stream depends on D, the micro-batch size or the other parallel sizes: any layout trains on the
 same global batches, and the position of all streams (`state_dict()`, gathered from every rank
 at a checkpoint) resumes under any data-parallel size.
+
+Caption dropout (`caption_dropout` = p, for classifier-free guidance): document g of a source that holds
+exactly one image or video after some text (an image-text or video-text pair) is trained without that text
+(BOS, then the image or video) with probability p, drawn from (seed, source name, g): the same documents
+under every layout and after resume, a fresh draw in each epoch.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import bisect
 import json
 import sys
+import zlib
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +46,7 @@ from .token_index import build_index, index_fits, load_index, read_document, sav
 from .vocab import IGNORE, IMAGE, TEXT, VIDEO, VISUAL_STRUCTURE, Vocabulary
 
 MAX_CONSECUTIVE_BAD = 1000
+CAPTION_DROPOUT_STREAM = 0xCA97  # the random stream of caption dropout, apart from any other use of the seed
 OPEN_SHARDS = 64  # per source and rank: open file handles and memory-mapped indexes
 
 
@@ -99,8 +106,9 @@ def loss_kinds(tokens: np.ndarray, spans: list, vocabulary: Vocabulary) -> np.nd
 class SourceReader:
     """Random access to document g of a source's endless, epoch-shuffled sequence."""
 
-    def __init__(self, source: Source, vocabulary: Vocabulary, seed: int):
-        self.source, self.vocabulary, self.seed = source, vocabulary, seed
+    def __init__(self, source: Source, vocabulary: Vocabulary, seed: int, caption_dropout: float = 0.0):
+        self.source, self.vocabulary, self.seed, self.caption_dropout = source, vocabulary, seed, caption_dropout
+        self._media_starts = [vocabulary.special("<|image start|>"), vocabulary.special("<|video start|>")]
         self._open: OrderedDict[int, tuple[np.ndarray, object]] = OrderedDict()
         self._built: dict[int, np.ndarray] = {}  # indexes built here that could not be saved beside their shard
         self._warned_unindexed = False
@@ -192,6 +200,20 @@ class SourceReader:
         except (KeyError, ValueError, TypeError, OSError) as e:
             raise ValueError(f"{where}: {e}") from None
 
+    def without_caption(self, g: int, tokens: np.ndarray, kinds: np.ndarray) -> tuple | None:
+        """Document g without the text before its image or video, when it is a pair and caption dropout draws it;
+        else None."""
+        if not self.caption_dropout:
+            return None
+        starts = np.flatnonzero(np.isin(tokens, self._media_starts))
+        if len(starts) != 1 or starts[0] <= 1:
+            return None
+        draw = np.random.default_rng([self.seed, CAPTION_DROPOUT_STREAM, zlib.crc32(self.source.name.encode()), g])
+        if draw.random() >= self.caption_dropout:
+            return None
+        keep = np.r_[0, starts[0]:len(tokens)]  # BOS, then the image or video and what follows it
+        return tokens[keep], kinds[keep]
+
 
 class PackingStream:
     """One row slot of the global batch: its documents, its mixing generator, its unfinished document."""
@@ -203,15 +225,18 @@ class PackingStream:
         self.next_doc = {r.source.name: 0 for r in readers}  # j: the stream's next document is index + P*j
         self.tokens = {r.source.name: 0 for r in readers}  # tokens taken from each source
         self.skipped: Counter = Counter()
+        self.captions_dropped = 0
         self.pending = (np.zeros(0, np.int64), np.zeros(0, np.int8))
         if state is not None:
             self.next_doc.update(state["next_doc"])
             self.tokens.update(state["tokens"])
             self.skipped.update(state["skipped"])
+            self.captions_dropped = state.get("captions_dropped", 0)
             self.pending = (np.array(state["pending_tokens"], np.int64), np.array(state["pending_kinds"], np.int8))
 
     def state(self) -> dict:
         return {"tokens": dict(self.tokens), "next_doc": dict(self.next_doc), "skipped": dict(self.skipped),
+                "captions_dropped": self.captions_dropped,
                 "pending_tokens": self.pending[0].tolist(), "pending_kinds": self.pending[1].tolist()}
 
     def _next_source(self) -> SourceReader:
@@ -228,6 +253,10 @@ class PackingStream:
             self.next_doc[name] += 1
             try:
                 document = reader.read(g)
+                dropped = reader.without_caption(g, *document)
+                if dropped is not None:
+                    document = dropped
+                    self.captions_dropped += 1
                 self.tokens[name] += len(document[0])
                 return document
             except (ValueError, ShardError) as e:
@@ -265,14 +294,15 @@ class TokenLoader:
     """This data-parallel rank's share of every global batch, as micro-batches, with resumable state."""
 
     def __init__(self, sources: list[Source], vocabulary: Vocabulary, *, seq_len: int, global_batch_size: int,
-                 micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
+                 micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
+                 caption_dropout: float = 0.0):
         if any(s.weight < 0 for s in sources) or not any(s.weight > 0 for s in sources):
             raise ValueError("mixing weights must be >= 0 with at least one > 0: "
                              + ", ".join(f"{s.name}: {s.weight}" for s in sources))
         if global_batch_size % (dp_size * micro_batch_size):
             raise ValueError(f"global batch {global_batch_size} is not divisible by data-parallel size {dp_size} "
                              f"x micro-batch {micro_batch_size}")
-        self.readers = [SourceReader(src, vocabulary, seed) for src in sources]
+        self.readers = [SourceReader(src, vocabulary, seed, caption_dropout) for src in sources]
         self.weights = np.array([s.weight for s in sources], dtype=np.float64)
         self.weights /= self.weights.sum()
         self.seq_len = seq_len
@@ -293,6 +323,9 @@ class TokenLoader:
 
     def skipped(self) -> int:
         return sum(sum(s.skipped.values()) for s in self.streams)
+
+    def captions_dropped(self) -> int:
+        return sum(s.captions_dropped for s in self.streams)
 
     def state_dict(self) -> dict:
         """This rank's streams; `merge_states` joins the dicts of all data-parallel ranks."""

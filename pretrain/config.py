@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import ConfigError, build, doc, load_tree
+from data_pipeline.vocab import LOSS_KIND_NAMES
 from .attention import ATTENTION_KERNELS
 
 
@@ -76,6 +77,23 @@ class DataConfig:
     micro_batch_size: int = doc("Sequences per data-parallel rank per forward pass; gradient accumulation "
                                 "steps = global_batch_size / (data-parallel size x micro_batch_size).", 4)
     seed: int = doc("Seed of shard shuffling and source mixing.", 1234)
+    caption_dropout: float = doc("Probability that an image-text or video-text document (exactly one image or "
+                                 "video) is trained without the text before its image or video, so that the "
+                                 "unconditional branch of classifier-free guidance is learned (Emu3 drops 10%). "
+                                 "Decided by (seed, source, document draw): the same documents under every "
+                                 "layout and after resume.", 0.0)
+
+
+@dataclass
+class LossConfig:
+    weights: dict[str, float] = doc("Weight of each loss kind (text, image, video, visual_structure) in the "
+                                    "training loss, a weighted mean over the global batch; a kind not named "
+                                    "weighs 1. {text: 0}: the loss on visual tokens only (Emu3's text-to-image "
+                                    "fine-tuning). Logged losses stay unweighted per kind.", factory=dict)
+
+    def kind_weights(self) -> tuple[float, ...]:
+        """Weight per loss-kind id (0: no loss), in data_pipeline.vocab's order."""
+        return (0.0, *(self.weights.get(name, 1.0) for name in LOSS_KIND_NAMES.values()))
 
 
 @dataclass
@@ -185,6 +203,7 @@ class TrainConfig:
                        "runs/default")
     seed: int = doc("Seed of model initialisation.", 0)
     model: ModelConfig = doc("The transformer.", factory=ModelConfig)
+    loss: LossConfig = doc("Weights of the loss kinds.", factory=LossConfig)
     data: DataConfig = doc("Token sources, packing and batch shape.", factory=DataConfig)
     parallel: ParallelConfig = doc("Parallel layout and precision.", factory=ParallelConfig)
     optimizer: OptimizerConfig = doc("AdamW.", factory=OptimizerConfig)
@@ -226,6 +245,14 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         if value % p.tp:
             raise ConfigError(f"{name} ({value}) must be divisible by parallel.tp ({p.tp}); "
                               f"change one of them")
+    if not 0 <= d.caption_dropout < 1:
+        raise ConfigError(f"data.caption_dropout must be in [0, 1), got {d.caption_dropout}")
+    unknown = sorted(set(cfg.loss.weights) - set(LOSS_KIND_NAMES.values()))
+    if unknown:
+        raise ConfigError(f"loss.weights: unknown loss kind {unknown}; the kinds are "
+                          f"{', '.join(LOSS_KIND_NAMES.values())}")
+    if min(cfg.loss.kind_weights()) < 0 or max(cfg.loss.kind_weights()) == 0:
+        raise ConfigError(f"loss.weights must be >= 0 with at least one kind > 0, got {cfg.loss.weights}")
     if p.zero_stage not in (1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3, got {p.zero_stage}")
     if p.pp > 1 and p.zero_stage > 1:

@@ -26,13 +26,21 @@ def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
     return sum_exp.log() + global_max
 
 
+def position_weights(loss_kind: torch.Tensor, kind_weights: tuple[float, ...] | None) -> torch.Tensor:
+    """Each position's weight in the loss: kind_weights[loss_kind] (loss.weights), or 1 where loss_kind > 0."""
+    if kind_weights is None:
+        return (loss_kind > 0).float()
+    return torch.tensor(kind_weights, dtype=torch.float32, device=loss_kind.device)[loss_kind.long()]
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_kind: torch.Tensor, z_loss: float,
-            normalizer: float | torch.Tensor | None = None, num_kinds: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy (+ z-loss) summed over positions with loss_kind > 0, divided by `normalizer`
-    (default: this batch's count of such positions), and per-kind sums.
+            normalizer: float | torch.Tensor | None = None, num_kinds: int = 5,
+            kind_weights: tuple[float, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy (+ z-loss) summed over positions with loss_kind > 0, each weighted by its kind's weight
+    (default 1), divided by `normalizer` (default: this batch's sum of those weights), and per-kind sums.
 
     logits (s, b, v) local shard; targets, loss_kind (b, s). Returns the scalar loss and a
-    (2, num_kinds) tensor of [loss sum, token count] per kind, for exact logging across ranks.
+    (2, num_kinds) tensor of [loss sum, token count] per kind, unweighted, for exact logging across ranks.
     """
     targets, loss_kind = targets.t().contiguous(), loss_kind.t().contiguous()  # (s, b)
     logits32 = logits.float()
@@ -41,11 +49,11 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_kind: torch.Tensor
     shared = z_loss or logits32.data_ptr() == logits.data_ptr()
     ce_input = logits32.clone() if shared else logits32
     per_token = tensor_parallel.vocab_parallel_cross_entropy(ce_input, targets)  # (s, b)
-    valid = (loss_kind > 0).float()
-    count = valid.sum().clamp(min=1) if normalizer is None else normalizer
-    loss = (per_token * valid).sum() / count
+    weight = position_weights(loss_kind, kind_weights)  # (s, b)
+    count = weight.sum().clamp(min=1) if normalizer is None else normalizer
+    loss = (per_token * weight).sum() / count
     if z_loss:
-        loss = loss + z_loss * (vocab_parallel_logsumexp(logits32).pow(2) * valid).sum() / count
+        loss = loss + z_loss * (vocab_parallel_logsumexp(logits32).pow(2) * weight).sum() / count
     with torch.no_grad():
         kind_onehot = F.one_hot(loss_kind.long(), num_kinds).float()      # (s, b, kinds)
         sums = torch.stack([(per_token.detach()[..., None] * kind_onehot).sum((0, 1)), kind_onehot.sum((0, 1))])

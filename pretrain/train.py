@@ -59,7 +59,11 @@ def train(cfg: TrainConfig, hooks: list[TrainHooks] = ()) -> dict:
     engine = parallelize(cfg, layout, pipeline_loss)
     d = cfg.data
     loader = TokenLoader(sources, vocab, seq_len=d.seq_len, global_batch_size=d.global_batch_size,
-                         micro_batch_size=d.micro_batch_size, dp_rank=layout.dp_rank, dp_size=layout.dp, seed=d.seed)
+                         micro_batch_size=d.micro_batch_size, dp_rank=layout.dp_rank, dp_size=layout.dp, seed=d.seed,
+                         caption_dropout=d.caption_dropout)
+    if cfg.loss.weights or d.caption_dropout:
+        say(f"loss weights {dict(zip(LOSS_KIND_NAMES.values(), cfg.loss.kind_weights()[1:]))}, "
+            f"caption dropout {d.caption_dropout}")
     state = resume(engine, loader, run_dir, cfg, fingerprint, say, hooks)
     tag = latest_tag(run_dir)
     metrics = MetricsLogger(run_dir, layout.rank == 0, cfg.logging.tensorboard, state.step)
@@ -85,7 +89,7 @@ def train(cfg: TrainConfig, hooks: list[TrainHooks] = ()) -> dict:
         micro = draw_batch(loader, state)
         start = time.time()
         sums, local_bad = run_step(engine, micro, cfg.model.z_loss, layout, pipeline_loss, step=state.step + 1,
-                                   hooks=hooks)
+                                   hooks=hooks, kind_weights=cfg.loss.kind_weights())
         seconds = time.time() - start
         state.step += 1
         sums = hooks.step_sums(state.batches, layout.rank, sums)
@@ -104,10 +108,11 @@ def train(cfg: TrainConfig, hooks: list[TrainHooks] = ()) -> dict:
                   "consumed_tokens": dict(state.consumed_tokens), "skipped_steps": state.skipped_steps}
         last = state.step == cfg.schedule.steps
         if state.step % cfg.logging.interval == 0 or last:
-            skipped = torch.tensor(float(loader.skipped()), device=layout.device)
-            with phase("the all-reduce of the skipped-sample count"):
-                dist.all_reduce(skipped)  # ranks of one data-parallel slice count the same streams
-            record["data_skipped"] = int(skipped) // (layout.tp * layout.cp * layout.pp)
+            counts = torch.tensor([float(loader.skipped()), float(loader.captions_dropped())], device=layout.device)
+            with phase("the all-reduce of the skipped-sample and dropped-caption counts"):
+                dist.all_reduce(counts)  # ranks of one data-parallel slice count the same streams
+            record["data_skipped"], record["captions_dropped"] = (int(c) // (layout.tp * layout.cp * layout.pp)
+                                                                  for c in counts.tolist())
             say(console_line(state.step, cfg.schedule.steps, record))
         metrics.log(state.step, record)
         if last or (cfg.eval.interval and state.step % cfg.eval.interval == 0):
@@ -183,6 +188,7 @@ def console_line(step: int, steps: int, record: dict) -> str:
             f"| {record['tokens_per_s']:.0f} tok/s | {record['tflops_per_device']:.3f} TFLOP/s/device "
             f"| MFU {100 * record['mfu']:.1f}% | peak mem {record['peak_memory_gib']:.2f} GiB")
     line += f" | {record['data_skipped']} bad samples skipped" if record["data_skipped"] else ""
+    line += f" | {record['captions_dropped']} captions dropped" if record["captions_dropped"] else ""
     return line + (f" | {record['skipped_steps']} steps skipped" if record["skipped_steps"] else "")
 
 

@@ -47,6 +47,10 @@ def test_presets():
     (["parallel.cp=2", "parallel.pp=2"], "parallel.cp > 1 with parallel.pp > 1 is not built"),
     (["parallel.cp=3"], "parallel.cp (3) must be >= 1 and divide data.seq_len"),
     (["model.attention=ring"], "model.attention must be one of auto, flex, sdpa"),
+    (["loss.weights.vision=0"], "loss.weights: unknown loss kind ['vision']; the kinds are text, image, video, "
+                                "visual_structure"),
+    (["loss.weights={text: 0, image: 0, video: 0, visual_structure: 0}"], "at least one kind > 0"),
+    (["data.caption_dropout=1"], "data.caption_dropout must be in [0, 1), got 1.0"),
 ])
 def test_errors_name_the_field_and_what_to_change(overrides, message):
     with pytest.raises(ConfigError) as e:

@@ -74,7 +74,8 @@ def test_export_matches_loom_logits(fmt, sources, world, tmp_path, groups):
     from data_pipeline.text_tokenizer import TextTokenizer
 
     text = TextTokenizer(world / "tokens" / "text_tokenizer.model")
-    for caption in ("two red squares on the left of a blue circle 12*34", " spaces  kept,\nlines too "):
+    for caption in ("two red squares on the left of a blue circle 12*34", " spaces  kept,\nlines too ",
+                    "def f(x):\n    if x:\n\n\t\treturn x  \r\n"):
         assert tokenizer.encode(caption, add_special_tokens=False) == text.encode(caption)
 
 

@@ -155,6 +155,30 @@ def test_chameleon_preset_under_tp_and_pp(reference, world, tmp_path):
     assert_same_run(records, ref["records"], tolerance(ref["floor"], ref["records"]))
 
 
+TEXT_TO_IMAGE = ["data.caption_dropout=0.5", "loss.weights.text=0.25"]
+
+
+@pytest.fixture(scope="module")
+def text_to_image_reference(world, tmp_path_factory):
+    return one_process(world, tmp_path_factory.mktemp("t2i"), "one", *TEXT_TO_IMAGE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2-pp2-zero1", "pp2-dp2-zero1"])
+def test_caption_dropout_and_loss_weights_match_one_process(layout, text_to_image_reference, reference, world,
+                                                            tmp_path):
+    """The same documents lose their captions and the same weighted loss is trained under TP2xPP2 (the pipeline's
+    loss function) and PP2xDP2 (the weighted token count over data-parallel ranks) as on one process; and the
+    options matter: the run without them differs far beyond the tolerance."""
+    ref = text_to_image_reference
+    records = train(world, tmp_path / layout, 4, *LAYOUTS[layout], *TEXT_TO_IMAGE)
+    allowed = tolerance(ref["floor"], ref["records"])
+    print(f"{layout} with {TEXT_TO_IMAGE}: drift {assert_same_run(records, ref['records'], allowed)}")
+    dropped = [r["captions_dropped"] for r in records if "captions_dropped" in r]
+    assert dropped == [r["captions_dropped"] for r in ref["records"] if "captions_dropped" in r] and dropped[-1] > 0
+    assert drift(ref["records"], reference["emu3"]["records"]).loss > 100 * allowed.loss
+
+
 @pytest.mark.slow
 def test_loss_curves_in_tensorboard_agree_between_one_process_and_tp2_pp2(reference, layout_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

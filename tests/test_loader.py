@@ -28,10 +28,11 @@ def global_rows(loaders, steps):
     return out
 
 
-def make(source, dp, mbs, global_batch=8, seq_len=48, seed=3, sources=None):
+def make(source, dp, mbs, global_batch=8, seq_len=48, seed=3, sources=None, caption_dropout=0.0):
     src, vocabulary = source
     return [TokenLoader(sources or [src], vocabulary, seq_len=seq_len, global_batch_size=global_batch,
-                        micro_batch_size=mbs, dp_rank=rank, dp_size=dp, seed=seed) for rank in range(dp)]
+                        micro_batch_size=mbs, dp_rank=rank, dp_size=dp, seed=seed, caption_dropout=caption_dropout)
+            for rank in range(dp)]
 
 
 def test_global_batches_do_not_depend_on_the_layout(source):
@@ -106,6 +107,47 @@ def test_resume_under_another_data_parallel_size_continues_exactly(source):
         for a, b in zip(expected, global_rows(resumed, 4)):
             for k in a:
                 assert np.array_equal(a[k], b[k]), (dp, k)
+
+
+def test_caption_dropout_is_decided_per_document_under_every_layout_and_resume(source):
+    """Pairs (one image or video after text) lose their caption at rate p over 10^4 document draws (within 1%);
+    other documents never; a dropped pair is BOS + its image or video; the same documents are dropped under every
+    data-parallel size and micro-batch and after a resume under another one."""
+    src, vocabulary = source
+    reader, plain = SourceReader(src, vocabulary, seed=3, caption_dropout=0.1), SourceReader(src, vocabulary, seed=3)
+    media = [vocabulary.special("<|image start|>"), vocabulary.special("<|video start|>")]
+    pairs = dropped = 0
+    for g in range(10_000):
+        tokens, kinds = plain.read(g)
+        starts = np.flatnonzero(np.isin(tokens, media))
+        is_pair = len(starts) == 1 and starts[0] > 1
+        pairs += is_pair
+        cut = reader.without_caption(g, tokens, kinds)
+        if cut is not None:
+            assert is_pair
+            dropped += 1
+            assert cut[0].tolist() == [vocabulary.bos, *tokens[starts[0]:]]
+            assert cut[1].tolist() == [kinds[0], *kinds[starts[0]:]]
+    assert pairs > 3000 and abs(dropped / pairs - 0.1) < 0.01, (pairs, dropped)
+
+    reference = make(source, dp=1, mbs=8, caption_dropout=0.5)
+    expected = global_rows(reference, 6)
+    assert not all(np.array_equal(a["tokens"], b["tokens"]) for a, b in zip(expected, global_rows(
+        make(source, dp=1, mbs=8), 6)))
+    for dp, mbs in ((2, 2), (4, 1)):
+        other = make(source, dp=dp, mbs=mbs, caption_dropout=0.5)
+        for a, b in zip(expected, global_rows(other, 6)):
+            assert all(np.array_equal(a[k], b[k]) for k in a), (dp, mbs)
+        assert sum(loader.captions_dropped() for loader in other) == reference[0].captions_dropped() > 0
+    saved = make(source, dp=2, mbs=2, caption_dropout=0.5)
+    global_rows(saved, 3)
+    state = json.loads(json.dumps(merge_states([loader.state_dict() for loader in saved])))
+    resumed = make(source, dp=4, mbs=1, caption_dropout=0.5)
+    for loader in resumed:
+        loader.load_state_dict(state)
+    for a, b in zip(expected[3:], global_rows(resumed, 3)):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert sum(loader.captions_dropped() for loader in resumed) == reference[0].captions_dropped()
 
 
 def test_resume_refuses_another_global_batch(source):

@@ -58,6 +58,31 @@ def test_loss_per_kind_and_z_loss(groups):
     torch.testing.assert_close(ours_grad, ref_grad)
 
 
+def test_loss_weights_of_zero_take_a_kind_out_of_the_gradient(groups):
+    """loss.weights {text: 0}: no gradient reaches the logits of text positions, the loss is the mean over the
+    other positions, the logged per-kind sums stay unweighted; weights of 1 give the unweighted loss bit for bit."""
+    from pretrain.loss import lm_loss
+
+    logits = torch.randn(6, 2, 256, requires_grad=True)
+    targets = torch.randint(0, 200, (2, 6))
+    kinds = torch.tensor([[1, 1, 2, 2, 0, 3], [4, 1, 1, 0, 0, 2]])
+    plain, plain_sums = lm_loss(logits, targets, kinds, z_loss=1e-2)
+    ones, ones_sums = lm_loss(logits, targets, kinds, z_loss=1e-2, kind_weights=(0.0, 1.0, 1.0, 1.0, 1.0))
+    assert torch.equal(plain, ones) and torch.equal(plain_sums, ones_sums)
+    loss, sums = lm_loss(logits, targets, kinds, z_loss=1e-2, kind_weights=(0.0, 0.0, 1.0, 1.0, 1.0))
+    grad, = torch.autograd.grad(loss, logits)
+    text = (kinds == 1).t()  # (s, b) as the logits
+    assert grad[text].abs().max() == 0 and grad[(kinds > 1).t()].abs().min() > 0
+    ce = torch.nn.functional.cross_entropy(logits.transpose(0, 1).reshape(-1, 256), targets.reshape(-1),
+                                           reduction="none").view(2, 6)
+    z = torch.logsumexp(logits.transpose(0, 1), -1).pow(2)
+    torch.testing.assert_close(loss, (ce + 1e-2 * z)[kinds > 1].mean())
+    assert torch.equal(sums, plain_sums)
+    half, _ = lm_loss(logits, targets, kinds, z_loss=0.0, kind_weights=(0.0, 0.5, 1.0, 1.0, 1.0))
+    w = torch.where(kinds == 1, 0.5, (kinds > 0).float())
+    torch.testing.assert_close(half, (ce * w).sum() / w.sum())
+
+
 def hf_logits(hf_model, tokens):
     with torch.no_grad():
         return hf_model(input_ids=tokens).logits
