@@ -6,6 +6,7 @@ Export formats:
     chameleon  ChameleonForConditionalGeneration (chameleon preset: qk-norm with bias per head,
                swin-norm); its VQ is another architecture than Loom's, so it is left untrained
     llama      LlamaForCausalLM: the language model alone (emu3 preset)
+    qwen2      Qwen2ForCausalLM: the language model alone (emu3 preset; q/k/v biases, zero without model.qkv_bias)
 Every export carries a tokenizer with Loom's vocabulary: the sentencepiece pieces, then the special
 tokens, then one token per visual code (DESIGN §2), at the ids Loom trains with.
 """
@@ -20,11 +21,11 @@ import torch
 from data_pipeline.vocab import TEXT_ENCODING, Vocabulary, fingerprint
 from common.checkpoint_folders import CheckpointError
 from common.config import dump_yaml
-from pretrain.config import ModelConfig, TrainConfig
+from pretrain.config import LLAMA3_ROPE_KEYS, ModelConfig, TrainConfig
 from .reader import read_checkpoint, resolve_checkpoint, write_portable_checkpoint
 from .hf import from_hf_state_dict, pad_vocab, to_hf_state_dict, trim_vocab
 
-FORMATS = ("emu3", "chameleon", "llama")
+FORMATS = ("emu3", "chameleon", "llama", "qwen2")
 # Emu3's modeling code finds the row end and the image placeholder under these names
 EMU3_EOL, EMU3_IMAGE = "<|extra_200|>", "<image>"
 IMAGE_PLACEHOLDER = "<|reserved 0|>"  # Loom's data never uses it; the exported processor does
@@ -33,8 +34,11 @@ IMAGE_PLACEHOLDER = "<|reserved 0|>"  # Loom's data never uses it; the exported 
 def check_format(m: ModelConfig, fmt: str) -> None:
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if fmt in ("emu3", "llama") and (m.qk_norm or m.swin_norm):
-        cls = "Emu3ForConditionalGeneration" if fmt == "emu3" else "LlamaForCausalLM"
+    if m.qkv_bias and fmt != "qwen2":
+        raise CheckpointError(f"this checkpoint has q/k/v biases (model.qkv_bias) and the {fmt} format has none; "
+                              f"export it with --format qwen2")
+    if fmt in ("emu3", "llama", "qwen2") and (m.qk_norm or m.swin_norm):
+        cls = {"emu3": "Emu3ForConditionalGeneration", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[fmt]
         raise CheckpointError(f"this checkpoint uses qk-norm/swin-norm (the chameleon preset) and {cls} has "
                               f"neither; export it with --format chameleon")
     if fmt == "chameleon" and not m.qk_norm:
@@ -95,7 +99,8 @@ def build_tokenizer(text_model: Path, vocabulary: Vocabulary):
 def text_config(m: ModelConfig, vocabulary: Vocabulary, max_positions: int) -> dict:
     return {"vocab_size": m.vocab_size, "hidden_size": m.dim, "intermediate_size": m.ffn_dim,
             "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads,
-            "rms_norm_eps": m.norm_eps, "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+            "rms_norm_eps": m.norm_eps, "rope_parameters": {"rope_type": "llama3" if m.rope_scaling else "default",
+                                                            "rope_theta": m.rope_theta, **m.rope_scaling},
             "max_position_embeddings": max_positions, "tie_word_embeddings": False, "bos_token_id": vocabulary.bos,
             "eos_token_id": vocabulary.eos, "pad_token_id": vocabulary.special("<|pad|>")}
 
@@ -122,7 +127,8 @@ def emu3_extras(tokenizer, vocabulary: Vocabulary, vq_dir: Path, image_size: int
 def export_hf(ckpt: str | Path, out: str | Path, fmt: str = "emu3", visual_tokenizer: str | Path | None = None,
               data: str | Path | None = None, log=print) -> dict:
     from transformers import (ChameleonConfig, ChameleonForConditionalGeneration, Emu3Config,
-                              Emu3ForConditionalGeneration, LlamaConfig, LlamaForCausalLM)
+                              Emu3ForConditionalGeneration, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     folder = resolve_checkpoint(ckpt)
     params, cfg, shared = read_checkpoint(folder)
@@ -138,6 +144,10 @@ def export_hf(ckpt: str | Path, out: str | Path, fmt: str = "emu3", visual_token
     out = Path(out)
     if fmt == "llama":
         model = LlamaForCausalLM(LlamaConfig(**kw))
+    elif fmt == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**kw))
+        weights = {**{k: torch.zeros_like(v) for k, v in model.state_dict().items() if k.endswith("_proj.bias")},
+                   **weights}
     elif fmt == "chameleon":
         model = ChameleonForConditionalGeneration(ChameleonConfig(
             **kw, swin_norm=m.swin_norm,
@@ -174,8 +184,10 @@ def hf_model_config(config: dict, model_type: str) -> ModelConfig:
     rope = text.get("rope_parameters") or {"rope_type": "default", "rope_theta": text.get("rope_theta", 10000.0)}
     problems = [f"{key}={text.get(key)}" for key in ("attention_bias", "mlp_bias", "tie_word_embeddings")
                 if text.get(key)]
-    if rope.get("rope_type", "default") != "default":
+    if rope.get("rope_type", "default") not in ("default", "llama3"):
         problems.append(f"rope_type={rope['rope_type']}")
+    if text.get("use_sliding_window"):
+        problems.append("use_sliding_window=True")
     if text.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={text['hidden_act']}")
     n_heads = text["num_attention_heads"]
@@ -188,15 +200,20 @@ def hf_model_config(config: dict, model_type: str) -> ModelConfig:
                        n_layers=text["num_hidden_layers"], n_heads=n_heads,
                        n_kv_heads=text.get("num_key_value_heads") or n_heads, ffn_dim=text["intermediate_size"],
                        norm_eps=text["rms_norm_eps"], rope_theta=float(rope["rope_theta"]),
+                       rope_scaling={k: float(rope[k]) for k in LLAMA3_ROPE_KEYS} if rope.get("rope_type") == "llama3"
+                       else {},
                        vocab_size=text["vocab_size"],
-                       qk_norm=chameleon, swin_norm=bool(text.get("swin_norm")) if chameleon else False)
+                       qk_norm=chameleon, swin_norm=bool(text.get("swin_norm")) if chameleon else False,
+                       qkv_bias=model_type == "qwen2")
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, log=print) -> dict:
-    """A Hugging Face Llama, Emu3 or Chameleon directory -> a Loom run directory whose checkpoint
+    """A Hugging Face Llama (3.x rope scaling included), Qwen2, Emu3 or Chameleon directory -> a Loom run directory
+    whose checkpoint
     `loom train OUT/config.yaml` continues from (any layout; fresh optimizer). An Emu3 directory's VQ
     is saved as OUT/visual_tokenizer, usable by `loom data tokenize`."""
-    from transformers import ChameleonForConditionalGeneration, Emu3ForConditionalGeneration, LlamaForCausalLM
+    from transformers import (ChameleonForConditionalGeneration, Emu3ForConditionalGeneration, LlamaForCausalLM,
+                              Qwen2ForCausalLM)
 
     hf_dir, out = Path(hf_dir), Path(out)
     config_file = hf_dir / "config.json"
@@ -204,7 +221,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, log=print) -> dict:
         raise CheckpointError(f"{config_file} not found: not a Hugging Face model directory")
     config = json.loads(config_file.read_text())
     model_type = config.get("model_type")
-    classes = {"llama": LlamaForCausalLM, "emu3": Emu3ForConditionalGeneration,
+    classes = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "emu3": Emu3ForConditionalGeneration,
                "chameleon": ChameleonForConditionalGeneration}
     if model_type not in classes:
         raise CheckpointError(f"{config_file}: model_type {model_type!r} is not one of {', '.join(classes)}")

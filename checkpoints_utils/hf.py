@@ -14,9 +14,11 @@ from pretrain.config import ModelConfig
 
 
 def split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grouped = qkv.view(cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads + 2, cfg.head_dim, cfg.dim)
-    q = grouped[:, :-2].reshape(cfg.n_heads * cfg.head_dim, cfg.dim)
-    return q, grouped[:, -2].reshape(-1, cfg.dim), grouped[:, -1].reshape(-1, cfg.dim)
+    """The fused qkv weight (rows, dim) or bias (rows,), grouped by kv head, -> q, k, v in HF's layout."""
+    rest = qkv.shape[1:]
+    grouped = qkv.view(cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads + 2, cfg.head_dim, *rest)
+    q = grouped[:, :-2].reshape(cfg.n_heads * cfg.head_dim, *rest)
+    return q, grouped[:, -2].reshape(-1, *rest), grouped[:, -1].reshape(-1, *rest)
 
 
 def name_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
@@ -38,28 +40,30 @@ def to_hf_state_dict(state: dict, cfg: ModelConfig) -> dict:
     """Loom Transformer state dict (TP=1) -> HF LlamaForCausalLM / ChameleonForConditionalGeneration names."""
     out = {theirs: state[ours] for ours, theirs in name_pairs(cfg)}
     for i in range(cfg.n_layers):
-        q, k, v = split_qkv(state[f"blocks.{i}.attn.qkv.weight"], cfg)
         attn = f"model.layers.{i}.self_attn."
-        out.update({attn + "q_proj.weight": q, attn + "k_proj.weight": k, attn + "v_proj.weight": v})
+        for p in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+            q, k, v = split_qkv(state[f"blocks.{i}.attn.qkv.{p}"], cfg)
+            out.update({f"{attn}q_proj.{p}": q, f"{attn}k_proj.{p}": k, f"{attn}v_proj.{p}": v})
     return {k: v.detach().clone() for k, v in out.items()}
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """The inverse of split_qkv."""
     per_kv = cfg.n_heads // cfg.n_kv_heads
-    grouped = torch.cat([q.view(cfg.n_kv_heads, per_kv, cfg.head_dim, cfg.dim),
-                         k.view(cfg.n_kv_heads, 1, cfg.head_dim, cfg.dim),
-                         v.view(cfg.n_kv_heads, 1, cfg.head_dim, cfg.dim)], 1)
-    return grouped.reshape(-1, cfg.dim)
+    rest = q.shape[1:]
+    grouped = torch.cat([q.view(cfg.n_kv_heads, per_kv, cfg.head_dim, *rest),
+                         k.view(cfg.n_kv_heads, 1, cfg.head_dim, *rest),
+                         v.view(cfg.n_kv_heads, 1, cfg.head_dim, *rest)], 1)
+    return grouped.reshape(-1, *rest)
 
 
 def from_hf_state_dict(hf: dict, cfg: ModelConfig) -> dict:
-    """HF LlamaForCausalLM / Chameleon language-model names -> Loom's canonical state dict."""
+    """HF LlamaForCausalLM / Qwen2ForCausalLM / Chameleon language-model names -> Loom's canonical state dict."""
     out = {ours: hf[theirs] for ours, theirs in name_pairs(cfg)}
     for i in range(cfg.n_layers):
         attn = f"model.layers.{i}.self_attn."
-        out[f"blocks.{i}.attn.qkv.weight"] = fuse_qkv(hf[attn + "q_proj.weight"], hf[attn + "k_proj.weight"],
-                                                     hf[attn + "v_proj.weight"], cfg)
+        for p in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+            out[f"blocks.{i}.attn.qkv.{p}"] = fuse_qkv(*(hf[f"{attn}{n}_proj.{p}"] for n in "qkv"), cfg)
     return {k: v.detach().float().clone() for k, v in out.items()}
 
 

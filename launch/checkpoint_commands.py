@@ -40,13 +40,14 @@ def add_parsers(sub) -> None:
     p = convert.add_parser("to-hf", help="export a checkpoint (any layout) to a transformers directory")
     p.add_argument("checkpoint", help="a checkpoint folder or a run directory (its latest checkpoint)")
     p.add_argument("out")
-    p.add_argument("--format", choices=["emu3", "chameleon", "llama"], default="emu3")
+    p.add_argument("--format", choices=["emu3", "chameleon", "llama", "qwen2"], default="emu3")
     p.add_argument("--visual-tokenizer", default=None, help="Emu3VQVAE directory (emu3; default: the one the "
                    "token shards were made with, recorded in their vocab.json)")
     p.add_argument("--data", default=None, help="token directory whose vocab.json and text_tokenizer.model give "
                    "the tokenizer (default: the run's first data source)")
     p.set_defaults(func=cmd_to_hf)
-    p = convert.add_parser("from-hf", help="import a Llama, Emu3 or Chameleon directory as a Loom run")
+    p = convert.add_parser("from-hf", help="import a Llama (3.x included), Qwen2, Emu3 or Chameleon directory as a "
+                                           "Loom run")
     p.add_argument("hf_dir")
     p.add_argument("out", help="run directory to create; continue with `loom train OUT/config.yaml ...`")
     p.set_defaults(func=cmd_from_hf)

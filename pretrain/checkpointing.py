@@ -41,7 +41,7 @@ from .train_state import TrainState
 
 # Fields that change the weights' shapes or meaning: a checkpoint loads only into the same values.
 ARCHITECTURE = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "vocab_pad_multiple",
-                "qk_norm", "swin_norm", "norm_eps", "rope_theta")
+                "qk_norm", "swin_norm", "norm_eps", "rope_theta", "rope_scaling", "qkv_bias")
 
 
 def layout_record(cfg: TrainConfig, world_size: int) -> dict:

@@ -9,6 +9,8 @@ from common.config import ConfigError, build, doc, load_tree
 from data_pipeline.vocab import LOSS_KIND_NAMES
 from .attention import ATTENTION_KERNELS
 
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
 
 @dataclass
 class ModelConfig:
@@ -21,7 +23,12 @@ class ModelConfig:
                           "divisible by parallel.tp.", 2)
     ffn_dim: int = doc("Hidden width of the SwiGLU MLP; divisible by parallel.tp.", 352)
     rope_theta: float = doc("RoPE base frequency.", 10000.0)
+    rope_scaling: dict[str, float] = doc("Llama 3.x RoPE frequency scaling (transformers' rope_type 'llama3'): "
+                                         "factor, low_freq_factor, high_freq_factor and "
+                                         "original_max_position_embeddings. Empty: plain RoPE.", factory=dict)
     norm_eps: float = doc("Epsilon of RMSNorm and of the qk LayerNorm.", 1e-5)
+    qkv_bias: bool = doc("Biases on the query, key and value projections (Qwen2); the output projection has none.",
+                         False)
     init_std: float = doc("Standard deviation of the normal weight initialisation.", 0.02)
     compile: bool = doc("torch.compile each block (fuses norms, RoPE and SwiGLU; the first step pays the "
                         "compilation).", False)
@@ -245,6 +252,10 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         if value % p.tp:
             raise ConfigError(f"{name} ({value}) must be divisible by parallel.tp ({p.tp}); "
                               f"change one of them")
+    if m.rope_scaling and (set(m.rope_scaling) != set(LLAMA3_ROPE_KEYS) or min(m.rope_scaling.values()) <= 0
+                           or m.rope_scaling["high_freq_factor"] <= m.rope_scaling["low_freq_factor"]):
+        raise ConfigError(f"model.rope_scaling must be empty or have exactly {', '.join(LLAMA3_ROPE_KEYS)}, all > 0 "
+                          f"and high_freq_factor > low_freq_factor; got {m.rope_scaling}")
     if not 0 <= d.caption_dropout < 1:
         raise ConfigError(f"data.caption_dropout must be in [0, 1), got {d.caption_dropout}")
     unknown = sorted(set(cfg.loss.weights) - set(LOSS_KIND_NAMES.values()))

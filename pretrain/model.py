@@ -1,6 +1,7 @@
 """The unified decoder-only transformer (DESIGN §4), built from megatron-core tensor-parallel layers.
 
-Llama-like: RMSNorm, RoPE, SwiGLU, grouped-query attention, untied embeddings, no biases. The
+Llama-like: RMSNorm, RoPE, SwiGLU, grouped-query attention, untied embeddings, no biases (model.qkv_bias: Qwen2's
+biases on q, k and v). The
 chameleon preset adds qk-norm (LayerNorm with bias over head_dim, per head), swin-norm and z-loss.
 
 Tensors are sequence-first, megatron's convention: s = sequence, b = batch, d = model width,
@@ -85,10 +86,26 @@ class HeadLayerNorm(nn.Module):
         return x * self.weight + self.bias
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions (b, s) -> cos, sin (b, 1, s, hd), the Llama/HF convention (halves, not pairs)."""
+def llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.x's RoPE scaling (transformers' rope_type 'llama3'): wavelengths longer than the original context /
+    low_freq_factor are stretched by `factor`, shorter than context / high_freq_factor kept, those between blended."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (b, s) -> cos, sin (b, 1, s, hd), the Llama/HF convention (halves, not pairs); `scaling`: Llama
+    3.x's frequency scaling (model.rope_scaling)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device)
                                / head_dim)
+    if scaling:
+        inv_freq = llama3_frequencies(inv_freq, scaling)
     freqs = positions.float()[..., None] * inv_freq                    # (b, s, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]                   # (b, 1, s, hd)
     return emb.cos(), emb.sin()
@@ -150,7 +167,7 @@ class Attention(nn.Module):
         # contiguous TP split hands each rank whole groups whatever the TP size.
         self.qkv = tensor_parallel.ColumnParallelLinear(
             cfg.dim, cfg.n_kv_heads * (self.q_per_kv + 2) * cfg.head_dim, config=tp.config, init_method=init,
-            bias=False, gather_output=False, tp_group=tp.group)
+            bias=cfg.qkv_bias, gather_output=False, tp_group=tp.group)  # a bias starts at zero
         self.out = tensor_parallel.RowParallelLinear(
             cfg.n_heads * cfg.head_dim, cfg.dim, config=tp.config, init_method=out_init, bias=False,
             input_is_parallel=True, skip_bias_add=False, tp_group=tp.group)
@@ -281,7 +298,7 @@ def attention_inputs(positions: torch.Tensor, doc_ids: torch.Tensor, cfg: ModelC
     """RoPE tables of the queries' positions (b, s) and their document-causal mask over the keys of rows doc_ids
     (b, L), for the kernel cfg.attention means here. Under context parallelism s < L: the queries are positions
     first_query .. first_query + s of the row."""
-    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     kernel = kernel_for(cfg.attention, doc_ids.device)
     return cos, sin, document_mask(doc_ids, kernel, first_query, positions.shape[1])
 
@@ -308,7 +325,7 @@ class Transformer(nn.Module):
             first = 0 if self.context_group is None else dist.get_rank(self.context_group) * tokens.shape[1]
             cos, sin, mask = attention_inputs(positions, doc_ids, self.cfg, first)
         else:
-            cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+            cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
             mask = cache.extend(doc_ids, kernel_for(self.cfg.attention, doc_ids.device))
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, None if cache is None else (cache, i))

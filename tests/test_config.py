@@ -51,6 +51,8 @@ def test_presets():
                                 "visual_structure"),
     (["loss.weights={text: 0, image: 0, video: 0, visual_structure: 0}"], "at least one kind > 0"),
     (["data.caption_dropout=1"], "data.caption_dropout must be in [0, 1), got 1.0"),
+    (["model.rope_scaling={factor: 8}"], "model.rope_scaling must be empty or have exactly factor, low_freq_factor, "
+                                         "high_freq_factor, original_max_position_embeddings"),
 ])
 def test_errors_name_the_field_and_what_to_change(overrides, message):
     with pytest.raises(ConfigError) as e:

@@ -20,6 +20,20 @@ def llama(**overrides):
     return LlamaForCausalLM(LlamaConfig(**{**TEXT, **overrides}))
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # wavelengths 6-3e5: all 3 cases
+
+
+def llama3():
+    return llama(rope_parameters=LLAMA3_ROPE)
+
+
+def qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(**TEXT))
+
+
 def chameleon():
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
@@ -39,7 +53,8 @@ def emu3():
     return Emu3ForConditionalGeneration(Emu3Config(text_config=text, vq_config=vq, vocabulary_map=vocabulary_map))
 
 
-@pytest.mark.parametrize("make", [llama, chameleon, emu3], ids=["llama", "chameleon", "emu3"])
+@pytest.mark.parametrize("make", [llama, llama3, qwen2, chameleon, emu3],
+                         ids=["llama", "llama3-rope", "qwen2", "chameleon", "emu3"])
 def test_a_transformers_made_model_imports_with_equal_logits(make, tmp_path, groups):
     torch.manual_seed(0)
     hf = make().eval()
@@ -54,6 +69,25 @@ def test_a_transformers_made_model_imports_with_equal_logits(make, tmp_path, gro
     with torch.no_grad():
         theirs = hf(input_ids=ids[None]).logits
     assert (theirs - loom_logits(tmp_path / "run", ids)).abs().max() <= TOL
+    if make in (llama3, qwen2):  # and back: the exported config keeps rope scaling and biases, same logits
+        from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+        from checkpoints_utils.convert import text_config
+        from checkpoints_utils.hf import to_hf_state_dict, trim_vocab
+        from checkpoints_utils.reader import read_checkpoint, resolve_checkpoint
+        from data_pipeline.vocab import SPECIAL_TOKENS, Vocabulary
+
+        params, cfg, _ = read_checkpoint(resolve_checkpoint(tmp_path / "run"))
+        kw = text_config(cfg.model, Vocabulary(300 - len(SPECIAL_TOKENS), 0), 256)
+        if make is llama3:
+            assert kw["rope_parameters"] == LLAMA3_ROPE
+            back = LlamaForCausalLM(LlamaConfig(**kw))
+        else:
+            assert cfg.model.qkv_bias and params["blocks.0.attn.qkv.bias"].abs().max() > 0
+            back = Qwen2ForCausalLM(Qwen2Config(**kw))
+        back.load_state_dict(trim_vocab(to_hf_state_dict(params, cfg.model), 300))
+        with torch.no_grad():
+            assert (back.eval()(input_ids=ids[None]).logits - theirs).abs().max() <= TOL
 
 
 @pytest.mark.parametrize("overrides,named", [
@@ -63,6 +97,7 @@ def test_a_transformers_made_model_imports_with_equal_logits(make, tmp_path, gro
     ({"hidden_act": "gelu"}, "hidden_act=gelu"),
     ({"head_dim": 32}, "head_dim=32"),
     ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}, "rope_type=linear"),
+    ({"use_sliding_window": True}, "use_sliding_window=True"),
 ])
 def test_configs_loom_cannot_express_are_refused_by_name(overrides, named, tmp_path):
     from checkpoints_utils.convert import import_hf

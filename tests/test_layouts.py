@@ -155,25 +155,29 @@ def test_chameleon_preset_under_tp_and_pp(reference, world, tmp_path):
     assert_same_run(records, ref["records"], tolerance(ref["floor"], ref["records"]))
 
 
-TEXT_TO_IMAGE = ["data.caption_dropout=0.5", "loss.weights.text=0.25"]
+# Options off by default: text-to-image training (caption dropout, loss weights) and what imported models bring
+# (Qwen2's q/k/v biases, Llama 3's RoPE scaling)
+OPTIONS = ["data.caption_dropout=0.5", "loss.weights.text=0.25", "model.qkv_bias=true",
+           "model.rope_scaling={factor: 8, low_freq_factor: 1, high_freq_factor: 4, "
+           "original_max_position_embeddings: 64}"]
 
 
 @pytest.fixture(scope="module")
-def text_to_image_reference(world, tmp_path_factory):
-    return one_process(world, tmp_path_factory.mktemp("t2i"), "one", *TEXT_TO_IMAGE)
+def options_reference(world, tmp_path_factory):
+    return one_process(world, tmp_path_factory.mktemp("options"), "one", *OPTIONS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["tp2-pp2-zero1", "pp2-dp2-zero1"])
-def test_caption_dropout_and_loss_weights_match_one_process(layout, text_to_image_reference, reference, world,
-                                                            tmp_path):
-    """The same documents lose their captions and the same weighted loss is trained under TP2xPP2 (the pipeline's
-    loss function) and PP2xDP2 (the weighted token count over data-parallel ranks) as on one process; and the
-    options matter: the run without them differs far beyond the tolerance."""
-    ref = text_to_image_reference
-    records = train(world, tmp_path / layout, 4, *LAYOUTS[layout], *TEXT_TO_IMAGE)
+def test_optional_features_match_one_process(layout, options_reference, reference, world, tmp_path):
+    """The same documents lose their captions and the same weighted loss, biases and scaled RoPE are trained under
+    TP2xPP2 (the pipeline's loss function, the biases split by TP) and PP2xDP2 (the weighted token count over
+    data-parallel ranks) as on one process; and the options matter: the run without them differs far beyond the
+    tolerance."""
+    ref = options_reference
+    records = train(world, tmp_path / layout, 4, *LAYOUTS[layout], *OPTIONS)
     allowed = tolerance(ref["floor"], ref["records"])
-    print(f"{layout} with {TEXT_TO_IMAGE}: drift {assert_same_run(records, ref['records'], allowed)}")
+    print(f"{layout} with {OPTIONS}: drift {assert_same_run(records, ref['records'], allowed)}")
     dropped = [r["captions_dropped"] for r in records if "captions_dropped" in r]
     assert dropped == [r["captions_dropped"] for r in ref["records"] if "captions_dropped" in r] and dropped[-1] > 0
     assert drift(ref["records"], reference["emu3"]["records"]).loss > 100 * allowed.loss
