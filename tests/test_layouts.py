@@ -41,11 +41,17 @@ LAYOUTS |= {  # context parallelism: each row split along the sequence over 2 ra
                                        "model.attention=flex"],
 }
 FLEX_ON_CPU = {"PYTHONPATH": str(REPO / "tests" / "mutations"), "LOOM_TEST_FLEX_ON_CPU": "1"}
+# Two intra-op threads make some one-process runs differ from themselves: the chameleon preset at micro-batch 4 or 8
+# drifted 5e-6 to 7e-6 from step 2-5 on in one of two identical runs, and once over the floor's bug guard. With one
+# thread every run repeated itself bit for bit (floor 1.9e-7).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def train(world, out, nproc, *overrides, env=None):
     if "model.attention=flex" in overrides:
         env = {**FLEX_ON_CPU, **(env or {})}
+    if nproc == 1:  # one intra-op thread, as torchrun gives every process of a multi-process run (ONE_THREAD)
+        env = {**ONE_THREAD, **(env or {})}
     result = run_loom("train", REPO / "configs" / "tiny.yaml", f"out_dir={out}",
                       f"data.sources.shapes.path={world / 'tokens'}", f"parallel.nproc_per_node={nproc}",
                       f"schedule.steps={STEPS}", "schedule.warmup_steps=2", "checkpoint.interval=0",
