@@ -262,7 +262,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     if unknown:
         raise ConfigError(f"loss.weights: unknown loss kind {unknown}; the kinds are "
                           f"{', '.join(LOSS_KIND_NAMES.values())}")
-    if min(cfg.loss.kind_weights()) < 0 or max(cfg.loss.kind_weights()) == 0:
+    weights = cfg.loss.kind_weights()
+    if min(weights) < 0 or max(weights) == 0:
         raise ConfigError(f"loss.weights must be >= 0 with at least one kind > 0, got {cfg.loss.weights}")
     if p.zero_stage not in (1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3, got {p.zero_stage}")
