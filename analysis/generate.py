@@ -22,7 +22,8 @@ import torch
 
 from checkpoints_utils.convert import data_vocabulary, locate_visual_tokenizer
 from data_pipeline.media import decode_image, encode_mp4, encode_png
-from data_pipeline.text_tokenizer import TextTokenizer
+from data_pipeline.text_tokenizer import (TextTokenizer, TransformersTextTokenizer, load_text_tokenizer,
+                                         stored_text_tokenizer)
 from data_pipeline.tokenize import DocumentEncoder
 from data_pipeline.visual_tokenizer import VisualTokenizer
 from data_pipeline.vocab import Vocabulary
@@ -147,8 +148,8 @@ def sample_tokens(model: Transformer, prompts: list[list[int]], template: list[i
 class Generator:
     """A model with its tokenizers: prompts in, text / code grids / pixels out."""
 
-    def __init__(self, model: Transformer, text: TextTokenizer, vocabulary: Vocabulary, visual=None,
-                 image_size: int = 32):
+    def __init__(self, model: Transformer, text: TextTokenizer | TransformersTextTokenizer, vocabulary: Vocabulary,
+                 visual=None, image_size: int = 32):
         self.model, self.text, self.vocabulary, self.visual = model, text, vocabulary, visual
         self.image_size = image_size
         # the sequence format of images and videos
@@ -169,7 +170,7 @@ class Generator:
         data_dir, vocab = data_vocabulary(cfg, data)
         vocabulary = Vocabulary.from_dict(vocab["layout"])
         vq_dir = locate_visual_tokenizer(vocab, data_dir, vocabulary, shared, visual_tokenizer)
-        gen = cls(model.to(device, dtype), TextTokenizer(data_dir / "text_tokenizer.model"), vocabulary,
+        gen = cls(model.to(device, dtype), load_text_tokenizer(stored_text_tokenizer(data_dir)), vocabulary,
                   VisualTokenizer.from_pretrained(vq_dir).to(device), vocab.get("image_size", 32))
         gen.run_config, gen.checkpoint = cfg, shared
         return gen

@@ -7,8 +7,9 @@ Export formats:
                swin-norm); its VQ is another architecture than Loom's, so it is left untrained
     llama      LlamaForCausalLM: the language model alone (emu3 preset)
     qwen2      Qwen2ForCausalLM: the language model alone (emu3 preset; q/k/v biases, zero without model.qkv_bias)
-Every export carries a tokenizer with Loom's vocabulary: the sentencepiece pieces, then the special
-tokens, then one token per visual code (DESIGN §2), at the ids Loom trains with.
+Every export carries a tokenizer with Loom's vocabulary: the text tokenizer's ids (sentencepiece pieces, or a
+transformers tokenizer's own vocabulary), then the special tokens, then one token per visual code (DESIGN §2), at
+the ids Loom trains with.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.text_tokenizer import stored_text_tokenizer
 from data_pipeline.vocab import TEXT_ENCODING, Vocabulary, fingerprint
 from common.checkpoint_folders import CheckpointError
 from common.config import dump_yaml
-from pretrain.config import LLAMA3_ROPE_KEYS, ModelConfig, TrainConfig
+from pretrain.config import LLAMA3_ROPE_KEYS, ModelConfig, SourceConfig, TrainConfig
 from .reader import read_checkpoint, resolve_checkpoint, write_portable_checkpoint
-from .hf import from_hf_state_dict, pad_vocab, to_hf_state_dict, trim_vocab
+from .hf import from_hf_state_dict, grow_vocab, pad_vocab, to_hf_state_dict, trim_vocab
 
 FORMATS = ("emu3", "chameleon", "llama", "qwen2")
 # Emu3's modeling code finds the row end and the image placeholder under these names
@@ -64,8 +66,9 @@ def locate_visual_tokenizer(vocab: dict, data_dir: Path, vocabulary: Vocabulary,
     if not (vq_dir / "config.json").exists():
         raise CheckpointError(f"visual tokenizer not found at {vq_dir}; pass --visual-tokenizer DIR")
     trained_on = shared.get("fingerprint")
-    if trained_on and fingerprint(vocabulary, data_dir / "text_tokenizer.model", vq_dir) != trained_on:
-        raise CheckpointError(f"{vq_dir} with {data_dir / 'text_tokenizer.model'} is not what this model was trained "
+    text_model = stored_text_tokenizer(data_dir)
+    if trained_on and fingerprint(vocabulary, text_model, vq_dir) != trained_on:
+        raise CheckpointError(f"{vq_dir} with {text_model} is not what this model was trained "
                               f"with (vocabulary fingerprint {trained_on}: the vocabulary, the text encoding "
                               f"({TEXT_ENCODING}) and both tokenizers' files); pass --visual-tokenizer DIR, or "
                               f"retokenize and retrain with this Loom if the model predates its text encoding")
@@ -73,17 +76,20 @@ def locate_visual_tokenizer(vocab: dict, data_dir: Path, vocabulary: Vocabulary,
 
 
 def build_tokenizer(text_model: Path, vocabulary: Vocabulary):
-    """A transformers tokenizer equal to sentencepiece on text, with Loom's specials and visual tokens."""
+    """A transformers tokenizer equal to the text tokenizer on text (sentencepiece's pieces, or the transformers
+    tokenizer itself), with Loom's specials and visual tokens after its last id."""
     from tokenizers import AddedToken
     from tokenizers.models import BPE
-    from transformers import LlamaTokenizer
+    from transformers import AutoTokenizer, LlamaTokenizer
     from transformers.convert_slow_tokenizer import SentencePieceExtractor
 
-    pieces = SentencePieceExtractor(str(text_model)).extract(BPE)
     specials = list(vocabulary.special_tokens)
-    tokenizer = LlamaTokenizer(vocab=pieces["vocab"], merges=pieces["merges"], unk_token="<unk>",
-                               bos_token=specials[0], eos_token=specials[1], pad_token=specials[2],
-                               add_bos_token=False, add_prefix_space=False)  # as Loom encodes a text segment
+    if text_model.is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(text_model)
+    else:
+        pieces = SentencePieceExtractor(str(text_model)).extract(BPE)
+        tokenizer = LlamaTokenizer(vocab=pieces["vocab"], merges=pieces["merges"], unk_token="<unk>",
+                                   add_bos_token=False, add_prefix_space=False)  # as Loom encodes a text segment
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
     tokenizer.add_tokens([AddedToken(f"<|visual token {i:06d}|>", special=True, normalized=False)
                           for i in range(vocabulary.codebook_size)], special_tokens=True)
@@ -93,6 +99,8 @@ def build_tokenizer(text_model: Path, vocabulary: Vocabulary):
     if ids != [v.text_size, v.text_size + len(specials) - 1, v.size - 1] or len(tokenizer) != v.size:
         raise CheckpointError(f"{text_model}: the tokenizer's ids do not follow Loom's layout ({ids}, {len(tokenizer)} "
                               f"tokens for a layout of {vocabulary.size})")
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = tokenizer.convert_ids_to_tokens(
+        [v.bos, v.eos, v.special("<|pad|>")])
     return tokenizer
 
 
@@ -138,7 +146,7 @@ def export_hf(ckpt: str | Path, out: str | Path, fmt: str = "emu3", visual_token
     vocabulary = Vocabulary.from_dict(vocab["layout"])
     if vocabulary.size != m.vocab_size:
         raise CheckpointError(f"{data_dir}/vocab.json has {vocabulary.size} ids, the checkpoint {m.vocab_size}")
-    tokenizer = build_tokenizer(data_dir / "text_tokenizer.model", vocabulary)
+    tokenizer = build_tokenizer(stored_text_tokenizer(data_dir), vocabulary)
     weights = trim_vocab(to_hf_state_dict(params, m), m.vocab_size)
     kw = text_config(m, vocabulary, cfg.data.seq_len)
     out = Path(out)
@@ -207,11 +215,33 @@ def hf_model_config(config: dict, model_type: str) -> ModelConfig:
                        qkv_bias=model_type == "qwen2")
 
 
-def import_hf(hf_dir: str | Path, out: str | Path, log=print) -> dict:
+def check_text_vocabulary(hf_dir: Path, data_dir: Path, text_size: int) -> str:
+    """Refuses token data made with another tokenizer than the model's own (when both are transformers
+    tokenizers: their ids below `text_size` must name the same tokens); says what was checked."""
+    from transformers import AutoTokenizer
+
+    stored = stored_text_tokenizer(data_dir)
+    if not (hf_dir / "tokenizer.json").exists() or not stored.is_dir():
+        return f"not checked: {hf_dir} or {data_dir} has no transformers tokenizer to compare"
+    theirs = AutoTokenizer.from_pretrained(hf_dir).get_vocab()
+    ours = {t: i for t, i in AutoTokenizer.from_pretrained(stored).get_vocab().items() if i < text_size}
+    differ = sorted((i, t) for t, i in ours.items() if theirs.get(t) != i)
+    if differ:
+        raise CheckpointError(f"{data_dir} was tokenized with another tokenizer than {hf_dir}'s: {len(differ)} of its "
+                              f"{text_size} text ids differ (e.g. {differ[:3]}); tokenize with text_tokenizer="
+                              f"{hf_dir}")
+    return f"the data's {text_size} text ids are the model tokenizer's"
+
+
+def import_hf(hf_dir: str | Path, out: str | Path, data: str | Path | None = None, noise: float = 0.01,
+              seed: int = 0, log=print) -> dict:
     """A Hugging Face Llama (3.x rope scaling included), Qwen2, Emu3 or Chameleon directory -> a Loom run directory
-    whose checkpoint
-    `loom train OUT/config.yaml` continues from (any layout; fresh optimizer). An Emu3 directory's VQ
-    is saved as OUT/visual_tokenizer, usable by `loom data tokenize`."""
+    whose checkpoint `loom train OUT/config.yaml` continues from (any layout; fresh optimizer). An Emu3 directory's
+    VQ is saved as OUT/visual_tokenizer, usable by `loom data tokenize`.
+
+    With `data` (a token directory tokenized with the model's own tokenizer): the embedding and output grow to the
+    data's vocabulary (hf.grow_vocab: rows past the tokenizer's ids are new, mean plus `noise`), the config records
+    the first new row (model.new_rows_from, for optimizer.freeze_steps) and trains on `data`."""
     from transformers import (ChameleonForConditionalGeneration, Emu3ForConditionalGeneration, LlamaForCausalLM,
                               Qwen2ForCausalLM)
 
@@ -226,18 +256,39 @@ def import_hf(hf_dir: str | Path, out: str | Path, log=print) -> dict:
     if model_type not in classes:
         raise CheckpointError(f"{config_file}: model_type {model_type!r} is not one of {', '.join(classes)}")
     m = hf_model_config(config, model_type)
+    grown = ""
+    if data is not None:
+        data_dir = Path(data)
+        if not (data_dir / "vocab.json").exists():
+            raise CheckpointError(f"{data_dir}/vocab.json not found: --data takes a directory written by "
+                                  f"`loom data tokenize`")
+        vocabulary = Vocabulary.from_dict(json.loads((data_dir / "vocab.json").read_text())["layout"])
+        if vocabulary.text_size > m.vocab_size:
+            raise CheckpointError(f"{data_dir} has {vocabulary.text_size} text ids but the model only "
+                                  f"{m.vocab_size} rows: tokenize with the model's own tokenizer (text_tokenizer="
+                                  f"{hf_dir})")
+        checked = check_text_vocabulary(hf_dir, data_dir, vocabulary.text_size)
     hf = classes[model_type].from_pretrained(hf_dir, dtype=torch.float32)
     state = hf.state_dict()
     if model_type == "emu3":
         state = {("model." + k[len("model.text_model."):] if k.startswith("model.text_model.") else k): v
                  for k, v in state.items()}
         hf.model.vqmodel.save_pretrained(out / "visual_tokenizer")
-    params = pad_vocab(from_hf_state_dict(state, m), m.padded_vocab_size)
+    params = from_hf_state_dict(state, m)
     cfg = TrainConfig(model=m, out_dir=str(out))
+    if data is not None:
+        params = grow_vocab(params, vocabulary.text_size, vocabulary.size, noise, seed)
+        grown = (f"; vocabulary {m.vocab_size} -> {vocabulary.size} rows, new from id {vocabulary.text_size} (mean + "
+                 f"{noise} x std noise; {checked})")
+        m.vocab_size, m.new_rows_from = vocabulary.size, vocabulary.text_size
+        cfg.data.sources = {data_dir.name: SourceConfig(path=str(data_dir.resolve()))}
+    params = pad_vocab(params, m.padded_vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     folder = write_portable_checkpoint(out, params, cfg)
     dump_yaml(cfg, out / "config.yaml")
     n = sum(t.numel() for t in params.values())
-    log(f"convert from-hf: {hf_dir} ({model_type}, {n / 1e6:.2f}M parameters) -> {folder}; continue with "
-        f"`loom train {out / 'config.yaml'} data.sources.NAME.path=TOKENS`")
-    return {"out": str(out), "checkpoint": str(folder), "model_type": model_type, "parameters": n}
+    then = "" if data is not None else " data.sources.NAME.path=TOKENS"
+    log(f"convert from-hf: {hf_dir} ({model_type}, {n / 1e6:.2f}M parameters) -> {folder}{grown}; continue with "
+        f"`loom train {out / 'config.yaml'}{then}`")
+    return {"out": str(out), "checkpoint": str(folder), "model_type": model_type, "parameters": n,
+            "new_rows_from": m.new_rows_from, "vocab_size": m.vocab_size}

@@ -80,3 +80,22 @@ def pad_vocab(state: dict, padded_size: int) -> dict:
     def pad(rows):
         return torch.cat([rows, rows.new_zeros(padded_size - rows.shape[0], rows.shape[1])])
     return {k: (pad(v) if k in ("embed.embed.weight", "head.output.weight") else v) for k, v in state.items()}
+
+
+def grow_vocab(state: dict, text_size: int, vocab_size: int, noise: float = 0.01, seed: int = 0) -> dict:
+    """Embedding and output rows for a vocabulary of `vocab_size` ids whose first `text_size` are the imported
+    model's tokenizer's: those rows are kept; every later row (Loom's specials, the visual codes, and any rows the
+    model had past its tokenizer, such as Qwen2's padding) becomes the mean of the kept rows plus
+    N(0, (noise x their standard deviation)^2) per dimension. The mean (Hewitt 2021, "Initializing New Word
+    Embeddings for Pretrained Language Models") bounds how far the new output rows move the model's distribution:
+    by Jensen, exp(h . mean) is at most the mean of the old exp(h . e_i), so no new token starts out dominating;
+    the noise makes the new rows differ. Logits of the old ids are unchanged."""
+    rows = {"embed.embed.weight", "head.output.weight"}
+    generator = torch.Generator().manual_seed(seed)
+    out = dict(state)
+    for name in rows:
+        old = state[name][:text_size]
+        fresh = old.mean(0) + noise * old.std(0) * torch.randn(vocab_size - text_size, old.shape[1],
+                                                              generator=generator)
+        out[name] = torch.cat([old, fresh.to(old.dtype)])
+    return out

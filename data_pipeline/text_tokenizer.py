@@ -1,4 +1,5 @@
-"""The text tokenizer: sentencepiece BPE with byte fallback, trained on the text of raw shards.
+"""The text tokenizer: sentencepiece BPE with byte fallback, trained on the text of raw shards, or an existing
+LLM's transformers tokenizer (a directory with tokenizer.json: Llama 3, Qwen2, ...), whose ids the vocabulary keeps.
 
 Every text segment of a document follows a special token (<|bos|>, <|image end|>, ...) and is encoded the
 way transformers' tokenizer of an exported model encodes text after a special token: no dummy prefix
@@ -20,14 +21,26 @@ from .raw import SkipCounter
 from .sources import documents_of, iter_documents, list_inputs
 
 
+# The name a token directory stores its text tokenizer under: a sentencepiece file or a transformers directory.
+SENTENCEPIECE_FILE, TRANSFORMERS_DIR = "text_tokenizer.model", "text_tokenizer"
+
+
 class TextTokenizer:
     """Thin wrapper so the rest of Loom does not depend on sentencepiece's API directly."""
+
+    stored_name = SENTENCEPIECE_FILE
+    # sentencepiece models trained by Loom have no BOS/EOS piece: Loom's own specials mark documents
+    bos_id = eos_id = None
 
     def __init__(self, model_path: str | Path):
         self.path = Path(model_path)
         if not self.path.is_file():
             raise FileNotFoundError(f"text tokenizer not found: {self.path}")
         self.sp = spm.SentencePieceProcessor(model_proto=segment_encoding(self.path.read_bytes()))
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.path]
 
     @property
     def vocab_size(self) -> int:
@@ -38,6 +51,52 @@ class TextTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
+
+
+class TransformersTextTokenizer:
+    """A transformers tokenizer directory (AutoTokenizer: tokenizer.json and its config). Text segments are
+    encoded without the tokenizer's own special tokens (add_special_tokens=False): Loom places BOS/EOS itself,
+    reusing the tokenizer's where it has them (vocab.Vocabulary.text_bos/text_eos)."""
+
+    stored_name = TRANSFORMERS_DIR
+
+    def __init__(self, folder: str | Path):
+        from transformers import AutoTokenizer
+
+        self.path = Path(folder)
+        if not (self.path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"text tokenizer not found: {self.path}/tokenizer.json (a transformers tokenizer "
+                                    f"directory, as `tokenizer.save_pretrained` writes)")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.bos_id, self.eos_id = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.path.iterdir() if p.is_file())
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)  # its base vocabulary and its added tokens: every id it can produce
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+
+def load_text_tokenizer(path: str | Path) -> TextTokenizer | TransformersTextTokenizer:
+    """A sentencepiece .model file, or a transformers tokenizer directory."""
+    return TransformersTextTokenizer(path) if Path(path).is_dir() else TextTokenizer(path)
+
+
+def stored_text_tokenizer(token_dir: str | Path) -> Path:
+    """The text tokenizer a token directory was written with (`loom data tokenize` copies it there)."""
+    for name in (SENTENCEPIECE_FILE, TRANSFORMERS_DIR):
+        if (Path(token_dir) / name).exists():
+            return Path(token_dir) / name
+    raise FileNotFoundError(f"{token_dir} holds no text tokenizer ({SENTENCEPIECE_FILE} or {TRANSFORMERS_DIR}/): "
+                            f"not a directory written by `loom data tokenize`")
 
 
 def segment_encoding(model: bytes) -> bytes:

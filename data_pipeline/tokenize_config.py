@@ -71,7 +71,9 @@ class TokenizeSource:
 class TokenizeConfig:
     out_dir: str = doc("Output: OUT/<source name>/ token shards + manifest.json per source, OUT/manifest.json "
                        "merged over sources.", "runs/tokens")
-    text_tokenizer: str = doc("sentencepiece .model file (loom data text-tokenizer).", "")
+    text_tokenizer: str = doc("sentencepiece .model file (loom data text-tokenizer), or a transformers tokenizer "
+                              "directory holding tokenizer.json (an existing LLM's: Llama 3, Qwen2, ...), whose ids "
+                              "the vocabulary keeps and whose BOS/EOS it reuses.", "")
     visual_tokenizer: str = doc("Emu3VQVAE directory, or an Emu3ForConditionalGeneration directory.", "")
     sources: list[TokenizeSource] = doc("Inputs, one entry per source.", factory=list)
     geometry: Geometry = doc("Size of images and video frames (and default resolution limits).",
@@ -93,10 +95,12 @@ def validate_tokenize(cfg: TokenizeConfig) -> None:
     if not cfg.sources:
         raise ConfigError("sources: give at least one source, e.g. {name: laion, format: image_text, "
                           "paths: [/data/laion/*.tar]}")
-    for field, path, what in (("text_tokenizer", cfg.text_tokenizer, "file"),
-                              ("visual_tokenizer", cfg.visual_tokenizer, "dir")):
-        if not path or not (Path(path).is_file() if what == "file" else Path(path).is_dir()):
-            raise ConfigError(f"{field}: {'file' if what == 'file' else 'directory'} not found: {path!r}")
+    text = Path(cfg.text_tokenizer)
+    if not cfg.text_tokenizer or not (text.is_file() or (text / "tokenizer.json").is_file()):
+        raise ConfigError(f"text_tokenizer: neither a sentencepiece file nor a directory with tokenizer.json: "
+                          f"{cfg.text_tokenizer!r}")
+    if not cfg.visual_tokenizer or not Path(cfg.visual_tokenizer).is_dir():
+        raise ConfigError(f"visual_tokenizer: directory not found: {cfg.visual_tokenizer!r}")
     names = [s.name for s in cfg.sources]
     for i, src in enumerate(cfg.sources):
         where = f"sources[{i}] ({src.name})"

@@ -8,8 +8,9 @@ directory (a shared filesystem on several nodes): exact-duplicate removal hashes
 `OUT/<source>/hashes/` and partitions the hashes over the ranks (dedup.py), and rank 0 waits for
 every file's counts before merging the manifests.
 
-Outputs: OUT/<source>/ (tokens-*.tar, tokens-*.json, manifest.json, vocab.json,
-text_tokenizer.model) per source, and OUT/manifest.json merged over sources.
+Outputs: OUT/<source>/ (tokens-*.tar, tokens-*.json, manifest.json, vocab.json, and the text tokenizer:
+text_tokenizer.model, or a transformers tokenizer's text_tokenizer/ directory) per source, and OUT/manifest.json
+merged over sources.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .media import Geometry, as_geometry
 from .dedup import duplicate_keys, hash_file, partition_path, write_partition
 from .shards import read_json, write_json_atomic
 from .sources import list_inputs
-from .text_tokenizer import TextTokenizer
+from .text_tokenizer import load_text_tokenizer
 from .tokenize import DocumentEncoder, tokenize_shard
 from .tokenize_config import TokenizeConfig, TokenizeSource
 from .visual_tokenizer import VisualTokenizer
@@ -52,7 +53,7 @@ def wait_for(paths: list[Path], what: str, log, every: float = 30.0) -> None:
 
 
 def prepare_output(out: Path, vocabulary: Vocabulary, fp: str, cfg: TokenizeConfig, geometry: Geometry,
-                   rank: int) -> None:
+                   rank: int, text_name: str) -> None:
     """Refuse a directory of another vocabulary; rank 0 records the vocabulary and copies the text model."""
     vocab_file = out / "vocab.json"
     previous = read_json(vocab_file)["fingerprint"] if vocab_file.exists() else fp
@@ -66,7 +67,10 @@ def prepare_output(out: Path, vocabulary: Vocabulary, fp: str, cfg: TokenizeConf
         write_json_atomic(vocab_file, {"layout": vocabulary.to_dict(), "fingerprint": fp, "image_size": geometry.size,
                                        "geometry": vars(geometry),
                                        "visual_tokenizer": str(Path(cfg.visual_tokenizer).resolve())})
-        shutil.copy(cfg.text_tokenizer, out / "text_tokenizer.model")
+        if Path(cfg.text_tokenizer).is_dir():
+            shutil.copytree(cfg.text_tokenizer, out / text_name, dirs_exist_ok=True)
+        else:
+            shutil.copy(cfg.text_tokenizer, out / text_name)
 
 
 def merge_source(out: Path, inputs: list[Path], vocabulary: Vocabulary, fp: str, counts: dict[str, dict]) -> dict:
@@ -130,15 +134,15 @@ def run_tokenize(cfg: TokenizeConfig, rank: int = 0, world_size: int = 1, log=pr
     """This rank's share of the job; rank 0 then waits for the others and returns the merged manifest
     (other ranks return {}). `merged=False` skips OUT/manifest.json (a single source written in place)."""
     root = Path(cfg.out_dir)
-    text, visual = TextTokenizer(cfg.text_tokenizer), VisualTokenizer.from_pretrained(cfg.visual_tokenizer)
+    text, visual = load_text_tokenizer(cfg.text_tokenizer), VisualTokenizer.from_pretrained(cfg.visual_tokenizer)
     visual.to(encoder_device(cfg.device))
-    vocabulary = Vocabulary(text.vocab_size, visual.codebook_size)
+    vocabulary = Vocabulary.for_text(text.vocab_size, visual.codebook_size, text.bos_id, text.eos_id)
     fp = fingerprint(vocabulary, cfg.text_tokenizer, cfg.visual_tokenizer)
     inputs = {src.name: list_inputs(src) for src in cfg.sources}
     work = [(src, path) for src in cfg.sources for path in inputs[src.name]]
     mine = work[rank::world_size]
     for src in cfg.sources:
-        prepare_output(root / src.name, vocabulary, fp, cfg, cfg.geometry, rank)
+        prepare_output(root / src.name, vocabulary, fp, cfg, cfg.geometry, rank, text.stored_name)
     wait_for([root / src.name / "vocab.json" for src in cfg.sources], "vocabulary files", log)
 
     drop: dict[tuple[str, Path], frozenset] = {}

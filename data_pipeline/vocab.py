@@ -1,7 +1,9 @@
 """The unified vocabulary (DESIGN §2): text pieces, then special tokens, then visual codes.
 
-    ids [0, T)          sentencepiece pieces (byte fallback on)
-        [T, T+S)        special tokens (SPECIAL_TOKENS, in this order)
+    ids [0, T)          the text tokenizer's ids: sentencepiece pieces (byte fallback on), or a transformers
+                        tokenizer's own ids, its added tokens included (an existing LLM's vocabulary)
+        [T, T+S)        special tokens (SPECIAL_TOKENS, in this order; without <|bos|> / <|eos|> when the
+                        text tokenizer has its own, which documents then start / end with)
         [T+S, T+S+K)    visual codes 0..K-1, named <|visual token 000123|>
     the model pads the embedding to a multiple of model.vocab_pad_multiple (not part of the vocabulary)
 
@@ -10,7 +12,7 @@ image: <|image start|> "{h}*{w}" <|image token|> row_1 <|eol|> ... row_h <|eol|>
 video: <|video start|> "{t}*{h}*{w}" <|image token|> frame_1 ... frame_t <|video end|>,
        each frame laid out as the rows of an image followed by <|eof|>
 
-The fingerprint hashes the vocabulary, the sentencepiece model and the VQ weights: token shards and
+The fingerprint hashes the vocabulary, the text tokenizer's files and the VQ weights: token shards and
 checkpoints record it, and training refuses data whose fingerprint differs from the model's.
 """
 
@@ -37,6 +39,16 @@ class Vocabulary:
     text_size: int
     codebook_size: int
     special_tokens: tuple[str, ...] = SPECIAL_TOKENS
+    text_bos: int | None = None  # the text tokenizer's BOS id, used instead of <|bos|>; None: it has none
+    text_eos: int | None = None  # ... its EOS id
+
+    @classmethod
+    def for_text(cls, text_size: int, codebook_size: int, text_bos: int | None = None,
+                 text_eos: int | None = None) -> "Vocabulary":
+        """The layout over a text tokenizer of `text_size` ids, reusing its BOS/EOS where it has them."""
+        reused = {"<|bos|>": text_bos, "<|eos|>": text_eos}
+        specials = tuple(t for t in SPECIAL_TOKENS if reused.get(t) is None)
+        return cls(text_size, codebook_size, specials, text_bos, text_eos)
 
     @property
     def visual_offset(self) -> int:
@@ -51,11 +63,11 @@ class Vocabulary:
 
     @property
     def bos(self) -> int:
-        return self.special("<|bos|>")
+        return self.special("<|bos|>") if self.text_bos is None else self.text_bos
 
     @property
     def eos(self) -> int:
-        return self.special("<|eos|>")
+        return self.special("<|eos|>") if self.text_eos is None else self.text_eos
 
     def is_visual(self, ids: np.ndarray) -> np.ndarray:
         return ids >= self.visual_offset
@@ -63,11 +75,13 @@ class Vocabulary:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["special_tokens"] = list(self.special_tokens)
-        return d
+        # absent rather than null: the layouts (and fingerprints) of sentencepiece vocabularies stay as they were
+        return {k: v for k, v in d.items() if v is not None}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Vocabulary":
-        return cls(d["text_size"], d["codebook_size"], tuple(d["special_tokens"]))
+        return cls(d["text_size"], d["codebook_size"], tuple(d["special_tokens"]), d.get("text_bos"),
+                   d.get("text_eos"))
 
 
 def _file_digest(path: Path) -> str:
@@ -81,14 +95,21 @@ def _file_digest(path: Path) -> str:
 # How text segments become ids (data_pipeline/text_tokenizer.py); part of the fingerprint, so that token shards
 # and checkpoints made with another encoding of the same tokenizer file are refused by name.
 TEXT_ENCODING = "segments without dummy prefix, identity normalization, whitespace kept"
+TRANSFORMERS_TEXT_ENCODING = "transformers tokenizer, segments encoded without its special tokens"
 
 
 def fingerprint(vocabulary: Vocabulary, text_model: str | Path, vq_dir: str | Path) -> str:
-    """sha256 over the vocabulary, the text encoding, the text tokenizer file and the VQ weight files (first 16
-    hex digits)."""
+    """sha256 over the vocabulary, the text encoding, the text tokenizer's file(s) (a sentencepiece file, or every
+    file of a transformers tokenizer directory, by name) and the VQ weight files (first 16 hex digits)."""
     h = hashlib.sha256(json.dumps(vocabulary.to_dict(), sort_keys=True).encode())
-    h.update(TEXT_ENCODING.encode())
-    h.update(_file_digest(Path(text_model)).encode())
+    text_model = Path(text_model)
+    if text_model.is_dir():
+        h.update(TRANSFORMERS_TEXT_ENCODING.encode())
+        for f in sorted(p for p in text_model.iterdir() if p.is_file()):
+            h.update(f"{f.name}:{_file_digest(f)}".encode())
+    else:
+        h.update(TEXT_ENCODING.encode())
+        h.update(_file_digest(text_model).encode())
     for weights in sorted(Path(vq_dir).glob("*.safetensors")):
         h.update(_file_digest(weights).encode())
     return h.hexdigest()[:16]

@@ -13,7 +13,7 @@ def cmd_to_hf(args) -> int:
 def cmd_from_hf(args) -> int:
     from checkpoints_utils.convert import import_hf
 
-    import_hf(args.hf_dir, args.out)
+    import_hf(args.hf_dir, args.out, data=args.data, noise=args.noise, seed=args.seed)
     return 0
 
 
@@ -43,13 +43,18 @@ def add_parsers(sub) -> None:
     p.add_argument("--format", choices=["emu3", "chameleon", "llama", "qwen2"], default="emu3")
     p.add_argument("--visual-tokenizer", default=None, help="Emu3VQVAE directory (emu3; default: the one the "
                    "token shards were made with, recorded in their vocab.json)")
-    p.add_argument("--data", default=None, help="token directory whose vocab.json and text_tokenizer.model give "
+    p.add_argument("--data", default=None, help="token directory whose vocab.json and text tokenizer give "
                    "the tokenizer (default: the run's first data source)")
     p.set_defaults(func=cmd_to_hf)
     p = convert.add_parser("from-hf", help="import a Llama (3.x included), Qwen2, Emu3 or Chameleon directory as a "
                                            "Loom run")
     p.add_argument("hf_dir")
     p.add_argument("out", help="run directory to create; continue with `loom train OUT/config.yaml ...`")
+    p.add_argument("--data", default=None, help="token directory tokenized with the model's own tokenizer: grow the "
+                   "embedding and output to its vocabulary (Loom's specials and the visual codes) and train on it")
+    p.add_argument("--noise", type=float, default=0.01, help="new rows: the mean of the old rows plus this times "
+                   "their standard deviation of Gaussian noise, per dimension")
+    p.add_argument("--seed", type=int, default=0, help="seed of that noise")
     p.set_defaults(func=cmd_from_hf)
 
     ckpt = sub.add_parser("ckpt", help="checkpoint tools").add_subparsers(dest="ckpt_command", required=True,

@@ -45,6 +45,9 @@ class ModelConfig:
     z_loss: float | None = doc("Coefficient of logsumexp(logits)^2 added to the loss. null: from "
                                "the preset (1e-5 for chameleon, 0 for emu3).", None)
     vocab_size: int = doc("Unpadded vocabulary size. 0: read from the token shards' manifest.", 0)
+    new_rows_from: int = doc("First id of the embedding and output rows that `loom convert from-hf --data` added to "
+                             "an imported model (its tokenizer's ids come before them; written by the import). "
+                             "optimizer.freeze_steps trains only these rows and the norms. 0: none.", 0)
     vocab_pad_multiple: int = doc("The embedding and output rows are padded to a multiple of this; "
                                   "keep it divisible by parallel.tp. Independent of TP so that a "
                                   "layout change keeps the same model.", 128)
@@ -130,6 +133,10 @@ class OptimizerConfig:
     beta2: float = doc("AdamW beta2.", 0.95)
     eps: float = doc("AdamW epsilon.", 1e-8)
     grad_clip: float = doc("Clip the global gradient norm to this (0: off).", 1.0)
+    freeze_steps: int = doc("For the first this many steps train only the rows model.new_rows_from added (the "
+                            "grown vocabulary of an imported LLM) and the norms: every other gradient is zeroed "
+                            "and weight decay is off, so the imported weights stay exactly as they were while the "
+                            "new rows catch up (LLaVA's and Lumina-mGPT's first stage). 0: off.", 0)
 
 
 @dataclass
@@ -256,6 +263,12 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
                            or m.rope_scaling["high_freq_factor"] <= m.rope_scaling["low_freq_factor"]):
         raise ConfigError(f"model.rope_scaling must be empty or have exactly {', '.join(LLAMA3_ROPE_KEYS)}, all > 0 "
                           f"and high_freq_factor > low_freq_factor; got {m.rope_scaling}")
+    if cfg.optimizer.freeze_steps < 0 or (cfg.optimizer.freeze_steps and not m.new_rows_from):
+        raise ConfigError(f"optimizer.freeze_steps={cfg.optimizer.freeze_steps} needs new embedding rows to train "
+                          f"(model.new_rows_from > 0, written by `loom convert from-hf HF_DIR OUT --data TOKENS`); "
+                          f"set it to 0")
+    if m.vocab_size and not 0 <= m.new_rows_from < m.vocab_size:
+        raise ConfigError(f"model.new_rows_from ({m.new_rows_from}) must be below model.vocab_size ({m.vocab_size})")
     if not 0 <= d.caption_dropout < 1:
         raise ConfigError(f"data.caption_dropout must be in [0, 1), got {d.caption_dropout}")
     unknown = sorted(set(cfg.loss.weights) - set(LOSS_KIND_NAMES.values()))

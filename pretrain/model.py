@@ -285,8 +285,9 @@ class Head(nn.Module):
                 cfg.dim, cfg.padded_vocab_size, config=tp.config, init_method=init_methods(cfg)[0], bias=False,
                 gather_output=False, tp_group=tp.group)
         local = cfg.padded_vocab_size // tp.size
-        first = tp.rank * local
-        self.register_buffer("padding", torch.arange(first, first + local) >= cfg.vocab_size, persistent=False)
+        self.first_row = tp.rank * local  # the id of this rank's first output row
+        rows = torch.arange(self.first_row, self.first_row + local)
+        self.register_buffer("padding", rows >= cfg.vocab_size, persistent=False)
         self.has_padding = bool(self.padding.any())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

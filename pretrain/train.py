@@ -23,6 +23,7 @@ from . import checkpointing
 from .config import TrainConfig
 from .evaluate import evaluate
 from .flops import flops_per_token, measure_peak_tflops, peak_memory_gib
+from .freeze import FreezeImported
 from .hooks import Hooks, TrainHooks
 from .metrics import bits_per_token, losses_by_kind, summarize
 from .parallel import destroy_distributed, init_distributed, parallelize
@@ -57,6 +58,11 @@ def train(cfg: TrainConfig, hooks: list[TrainHooks] = ()) -> dict:
     checkpointing.ensure_space(run_dir, cfg, "this run's checkpoints")  # refuse at start, not at the first save
     pipeline_loss = PipelineLoss(cfg.model.z_loss) if cfg.parallel.pp > 1 else None
     engine = parallelize(cfg, layout, pipeline_loss)
+    freeze = FreezeImported(engine.module, cfg.model.new_rows_from, cfg.optimizer.freeze_steps,
+                            engine.lr_scheduler.optimizer.param_groups)
+    if cfg.optimizer.freeze_steps:
+        say(f"steps 1-{cfg.optimizer.freeze_steps} train only the new rows (ids from {cfg.model.new_rows_from}) "
+            f"and the norms")
     d = cfg.data
     loader = TokenLoader(sources, vocab, seq_len=d.seq_len, global_batch_size=d.global_batch_size,
                          micro_batch_size=d.micro_batch_size, dp_rank=layout.dp_rank, dp_size=layout.dp, seed=d.seed,
@@ -88,6 +94,7 @@ def train(cfg: TrainConfig, hooks: list[TrainHooks] = ()) -> dict:
         WATCHDOG.step = state.step + 1
         micro = draw_batch(loader, state)
         start = time.time()
+        freeze.at(state.step + 1)
         sums, local_bad = run_step(engine, micro, cfg.model.z_loss, layout, pipeline_loss, step=state.step + 1,
                                    hooks=hooks, kind_weights=cfg.loss.kind_weights())
         seconds = time.time() - start
