@@ -89,6 +89,7 @@ def build_tokenizer(text_model: Path, vocabulary: Vocabulary):
     else:
         pieces = SentencePieceExtractor(str(text_model)).extract(BPE)
         tokenizer = LlamaTokenizer(vocab=pieces["vocab"], merges=pieces["merges"], unk_token="<unk>",
+                                   bos_token=specials[0], eos_token=specials[1], pad_token=specials[2],
                                    add_bos_token=False, add_prefix_space=False)  # as Loom encodes a text segment
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
     tokenizer.add_tokens([AddedToken(f"<|visual token {i:06d}|>", special=True, normalized=False)
