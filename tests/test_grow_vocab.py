@@ -16,8 +16,9 @@ from test_import_hf import LLAMA3_ROPE, TEXT
 TOL = 1e-4  # fp32 logits of the same weights through two implementations, as test_import_hf
 
 
-def bpe_tokenizer(world, out, style):
-    """A byte-level BPE tokenizer of about 300 ids with Llama 3's or Qwen2's special tokens, saved for AutoTokenizer."""
+def bpe_tokenizer(world, out, style, vocab_size=290):
+    """A byte-level BPE tokenizer of about `vocab_size` ids with Llama 3's or Qwen2's special tokens, saved for
+    AutoTokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -29,7 +30,7 @@ def bpe_tokenizer(world, out, style):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=290, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer)
     if style == "llama3":
@@ -41,6 +42,25 @@ def bpe_tokenizer(world, out, style):
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
     fast.save_pretrained(out)
     return fast
+
+
+def test_the_fingerprint_covers_every_file_of_a_transformers_tokenizer(world, tmp_path):
+    from common.config import ConfigError
+    from data_pipeline.tokenize_config import load_tokenize_config
+    from data_pipeline.vocab import Vocabulary, fingerprint
+
+    bpe_tokenizer(world, tmp_path / "tok", "llama3")
+    layout = Vocabulary.for_text(292, 256, 290, 291)
+    base = fingerprint(layout, tmp_path / "tok", world / "tok" / "vq")
+    assert fingerprint(Vocabulary.for_text(292, 256, None, 291), tmp_path / "tok", world / "tok" / "vq") != base
+    config = tmp_path / "tok" / "tokenizer_config.json"
+    config.write_text(config.read_text().replace("<|end_of_text|>", "<|begin_of_text|>", 1))
+    assert fingerprint(layout, tmp_path / "tok", world / "tok" / "vq") != base
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="text_tokenizer: neither a sentencepiece file nor a directory with "
+                                          "tokenizer.json"):
+        load_tokenize_config(None, [f"text_tokenizer={tmp_path / 'empty'}", f"visual_tokenizer={world / 'tok' / 'vq'}",
+                                    "sources=[{name: a, format: text, paths: [x.txt]}]"])
 
 
 def hf_model(style, vocab_size):
@@ -81,6 +101,15 @@ def test_an_llm_grows_trains_and_exports(style, world, tmp_path):
     text = load_text_tokenizer(tmp_path / "tokens" / "text_tokenizer")
     assert text.encode("a red circle\n  at 3*4") == tokenizer.encode("a red circle\n  at 3*4", add_special_tokens=False)
 
+    if style == "llama3":  # data of another tokenizer (other merges, so other ids) is refused, nothing written
+        import shutil
+
+        shutil.copytree(tmp_path / "hf", tmp_path / "hf_other")
+        bpe_tokenizer(world, tmp_path / "hf_other", style, vocab_size=280)
+        result = run_loom("convert", "from-hf", tmp_path / "hf_other", tmp_path / "other", "--data",
+                          tmp_path / "tokens")
+        assert result.returncode != 0 and "was tokenized with another tokenizer" in result.stderr
+        assert not (tmp_path / "other").exists()
     result = run_loom("convert", "from-hf", tmp_path / "hf", tmp_path / "run", "--data", tmp_path / "tokens")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "text ids are the model tokenizer's" in result.stdout
