@@ -39,10 +39,6 @@ class TextTokenizer:
         self.sp = spm.SentencePieceProcessor(model_proto=segment_encoding(self.path.read_bytes()))
 
     @property
-    def files(self) -> list[Path]:
-        return [self.path]
-
-    @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
@@ -69,10 +65,6 @@ class TransformersTextTokenizer:
                                     f"directory, as `tokenizer.save_pretrained` writes)")
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.bos_id, self.eos_id = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-
-    @property
-    def files(self) -> list[Path]:
-        return sorted(p for p in self.path.iterdir() if p.is_file())
 
     @property
     def vocab_size(self) -> int:
