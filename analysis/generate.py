@@ -22,8 +22,7 @@ import torch
 
 from checkpoints_utils.convert import data_vocabulary, locate_visual_tokenizer
 from data_pipeline.media import decode_image, encode_mp4, encode_png
-from data_pipeline.text_tokenizer import (TextTokenizer, TransformersTextTokenizer, load_text_tokenizer,
-                                         stored_text_tokenizer)
+from data_pipeline.text_tokenizer import AnyTextTokenizer, load_text_tokenizer, stored_text_tokenizer
 from data_pipeline.tokenize import DocumentEncoder
 from data_pipeline.visual_tokenizer import VisualTokenizer
 from data_pipeline.vocab import Vocabulary
@@ -148,8 +147,8 @@ def sample_tokens(model: Transformer, prompts: list[list[int]], template: list[i
 class Generator:
     """A model with its tokenizers: prompts in, text / code grids / pixels out."""
 
-    def __init__(self, model: Transformer, text: TextTokenizer | TransformersTextTokenizer, vocabulary: Vocabulary,
-                 visual=None, image_size: int = 32):
+    def __init__(self, model: Transformer, text: AnyTextTokenizer, vocabulary: Vocabulary, visual=None,
+                 image_size: int = 32):
         self.model, self.text, self.vocabulary, self.visual = model, text, vocabulary, visual
         self.image_size = image_size
         # the sequence format of images and videos

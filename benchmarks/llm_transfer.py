@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -66,7 +67,8 @@ def main() -> None:
     args = parser.parse_args()
     qs, out = args.quickstart.resolve(), args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    recipe = [REPO / "configs" / "quickstart.yaml", f"schedule.steps={args.steps}", "samples.interval=0",
+    recipe = [REPO / "configs" / "quickstart.yaml", f"schedule.steps={args.steps}",
+              f"schedule.warmup_steps={args.steps // 10}", "samples.interval=0",  # the recipe's 10% warmup
               f"eval.sources.shapes.path={qs / 'heldout' / 'tokens'}"]
 
     n = text_documents(qs / "raw", out / "text.jsonl")
@@ -81,18 +83,17 @@ def main() -> None:
          "--data", qs / "tokens")
     loom("convert", "from-hf", out / "text_model_hf", out / "imported", "--data", qs / "tokens")
     new_rows_from = yaml.safe_load((out / "imported" / "config.yaml").read_text())["model"]["new_rows_from"]
-    runs = {"scratch": [], "from text LLM": [],
-            f"from text LLM, freeze {args.freeze_steps}": [f"optimizer.freeze_steps={args.freeze_steps}"]}
-    dirs = {"scratch": out / "scratch", "from text LLM": out / "transfer",
-            f"from text LLM, freeze {args.freeze_steps}": out / "transfer_freeze"}
-    for name, extra in runs.items():
+    freeze = f"from text LLM, freeze {args.freeze_steps}"
+    runs = {"scratch": (out / "scratch", []), "from text LLM": (out / "transfer", []),
+            freeze: (out / "transfer_freeze", [f"optimizer.freeze_steps={args.freeze_steps}"])}
+    for name, (run, extra) in runs.items():
         if name != "scratch":  # each transferred run starts from its own copy of the imported checkpoint
-            subprocess.run(["cp", "-r", str(out / "imported"), str(dirs[name])], check=True)
-        loom("train", *recipe, f"out_dir={dirs[name]}", f"data.sources.shapes.path={qs / 'tokens'}",
+            shutil.copytree(out / "imported", run)
+        loom("train", *recipe, f"out_dir={run}", f"data.sources.shapes.path={qs / 'tokens'}",
              f"model.new_rows_from={new_rows_from if name != 'scratch' else 0}", *extra)
 
     text_model = eval_losses(out / "text_model")
-    results = {name: eval_losses(dirs[name]) for name in runs}
+    results = {name: eval_losses(run) for name, (run, _) in runs.items()}
     kinds = ("text", "image", "total")
     print(f"\nheld-out loss (nats/token) on the quickstart's held-out mixture; text-only model after {args.steps} "
           f"steps: text {text_model[args.steps]['text']:.3f}")

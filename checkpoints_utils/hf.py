@@ -68,6 +68,7 @@ def from_hf_state_dict(hf: dict, cfg: ModelConfig) -> dict:
 
 
 VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
+LOOM_VOCAB_ROWS = ("embed.embed.weight", "head.output.weight")  # the same rows under Loom's names
 
 
 def trim_vocab(hf: dict, vocab_size: int) -> dict:
@@ -79,7 +80,7 @@ def pad_vocab(state: dict, padded_size: int) -> dict:
     """Zero rows up to Loom's padded vocabulary (their logits are masked to -inf in the model)."""
     def pad(rows):
         return torch.cat([rows, rows.new_zeros(padded_size - rows.shape[0], rows.shape[1])])
-    return {k: (pad(v) if k in ("embed.embed.weight", "head.output.weight") else v) for k, v in state.items()}
+    return {k: (pad(v) if k in LOOM_VOCAB_ROWS else v) for k, v in state.items()}
 
 
 def grow_vocab(state: dict, text_size: int, vocab_size: int, noise: float = 0.01, seed: int = 0) -> dict:
@@ -90,10 +91,9 @@ def grow_vocab(state: dict, text_size: int, vocab_size: int, noise: float = 0.01
     Embeddings for Pretrained Language Models") bounds how far the new output rows move the model's distribution:
     by Jensen, exp(h . mean) is at most the mean of the old exp(h . e_i), so no new token starts out dominating;
     the noise makes the new rows differ. Logits of the old ids are unchanged."""
-    rows = {"embed.embed.weight", "head.output.weight"}
     generator = torch.Generator().manual_seed(seed)
     out = dict(state)
-    for name in rows:
+    for name in LOOM_VOCAB_ROWS:
         old = state[name][:text_size]
         fresh = old.mean(0) + noise * old.std(0) * torch.randn(vocab_size - text_size, old.shape[1],
                                                               generator=generator)

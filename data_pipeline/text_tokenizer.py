@@ -12,6 +12,7 @@ an earlier Loom is read the same way; the vocabulary fingerprint says so (vocab.
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import sentencepiece as spm
@@ -28,7 +29,6 @@ SENTENCEPIECE_FILE, TRANSFORMERS_DIR = "text_tokenizer.model", "text_tokenizer"
 class TextTokenizer:
     """Thin wrapper so the rest of Loom does not depend on sentencepiece's API directly."""
 
-    stored_name = SENTENCEPIECE_FILE
     # sentencepiece models trained by Loom have no BOS/EOS piece: Loom's own specials mark documents
     bos_id = eos_id = None
 
@@ -37,6 +37,10 @@ class TextTokenizer:
         if not self.path.is_file():
             raise FileNotFoundError(f"text tokenizer not found: {self.path}")
         self.sp = spm.SentencePieceProcessor(model_proto=segment_encoding(self.path.read_bytes()))
+
+    def copy_to(self, folder: Path) -> None:
+        """Into a token directory, as `stored_text_tokenizer` finds it."""
+        shutil.copy(self.path, folder / SENTENCEPIECE_FILE)
 
     @property
     def vocab_size(self) -> int:
@@ -54,8 +58,6 @@ class TransformersTextTokenizer:
     encoded without the tokenizer's own special tokens (add_special_tokens=False): Loom places BOS/EOS itself,
     reusing the tokenizer's where it has them (vocab.Vocabulary.text_bos/text_eos)."""
 
-    stored_name = TRANSFORMERS_DIR
-
     def __init__(self, folder: str | Path):
         from transformers import AutoTokenizer
 
@@ -65,6 +67,10 @@ class TransformersTextTokenizer:
                                     f"directory, as `tokenizer.save_pretrained` writes)")
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.bos_id, self.eos_id = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+
+    def copy_to(self, folder: Path) -> None:
+        """Into a token directory, as `stored_text_tokenizer` finds it."""
+        shutil.copytree(self.path, folder / TRANSFORMERS_DIR, dirs_exist_ok=True)
 
     @property
     def vocab_size(self) -> int:
@@ -77,7 +83,10 @@ class TransformersTextTokenizer:
         return self.tokenizer.decode(ids)
 
 
-def load_text_tokenizer(path: str | Path) -> TextTokenizer | TransformersTextTokenizer:
+AnyTextTokenizer = TextTokenizer | TransformersTextTokenizer
+
+
+def load_text_tokenizer(path: str | Path) -> AnyTextTokenizer:
     """A sentencepiece .model file, or a transformers tokenizer directory."""
     return TransformersTextTokenizer(path) if Path(path).is_dir() else TextTokenizer(path)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,7 +27,7 @@ from .media import Geometry, as_geometry
 from .dedup import duplicate_keys, hash_file, partition_path, write_partition
 from .shards import read_json, write_json_atomic
 from .sources import list_inputs
-from .text_tokenizer import load_text_tokenizer
+from .text_tokenizer import AnyTextTokenizer, load_text_tokenizer
 from .tokenize import DocumentEncoder, tokenize_shard
 from .tokenize_config import TokenizeConfig, TokenizeSource
 from .visual_tokenizer import VisualTokenizer
@@ -53,8 +52,8 @@ def wait_for(paths: list[Path], what: str, log, every: float = 30.0) -> None:
 
 
 def prepare_output(out: Path, vocabulary: Vocabulary, fp: str, cfg: TokenizeConfig, geometry: Geometry,
-                   rank: int, text_name: str) -> None:
-    """Refuse a directory of another vocabulary; rank 0 records the vocabulary and copies the text model."""
+                   rank: int, text: AnyTextTokenizer) -> None:
+    """Refuse a directory of another vocabulary; rank 0 records the vocabulary and copies the text tokenizer."""
     vocab_file = out / "vocab.json"
     previous = read_json(vocab_file)["fingerprint"] if vocab_file.exists() else fp
     if previous != fp:
@@ -67,10 +66,7 @@ def prepare_output(out: Path, vocabulary: Vocabulary, fp: str, cfg: TokenizeConf
         write_json_atomic(vocab_file, {"layout": vocabulary.to_dict(), "fingerprint": fp, "image_size": geometry.size,
                                        "geometry": vars(geometry),
                                        "visual_tokenizer": str(Path(cfg.visual_tokenizer).resolve())})
-        if Path(cfg.text_tokenizer).is_dir():
-            shutil.copytree(cfg.text_tokenizer, out / text_name, dirs_exist_ok=True)
-        else:
-            shutil.copy(cfg.text_tokenizer, out / text_name)
+        text.copy_to(out)
 
 
 def merge_source(out: Path, inputs: list[Path], vocabulary: Vocabulary, fp: str, counts: dict[str, dict]) -> dict:
@@ -142,7 +138,7 @@ def run_tokenize(cfg: TokenizeConfig, rank: int = 0, world_size: int = 1, log=pr
     work = [(src, path) for src in cfg.sources for path in inputs[src.name]]
     mine = work[rank::world_size]
     for src in cfg.sources:
-        prepare_output(root / src.name, vocabulary, fp, cfg, cfg.geometry, rank, text.stored_name)
+        prepare_output(root / src.name, vocabulary, fp, cfg, cfg.geometry, rank, text)
     wait_for([root / src.name / "vocab.json" for src in cfg.sources], "vocabulary files", log)
 
     drop: dict[tuple[str, Path], frozenset] = {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import Embedding, Head
+from .model import Embedding, Head, is_norm
 
 
 class FreezeImported:
@@ -34,7 +34,7 @@ class FreezeImported:
             rows = torch.arange(first, first + p.shape[0], device=p.device)
             trainable[p] = (rows >= new_rows_from).to(p.dtype)[:, None]
         for name, p in model.named_parameters():
-            if "norm" in name:  # the norms train throughout (as in parallel.py, they have no weight decay)
+            if is_norm(name):  # the norms train throughout
                 continue
             mask = trainable.get(p, torch.zeros((), dtype=p.dtype, device=p.device))
             p.register_hook(lambda grad, mask=mask: grad * mask if self.active else grad)

@@ -86,6 +86,12 @@ class HeadLayerNorm(nn.Module):
         return x * self.weight + self.bias
 
 
+def is_norm(parameter_name: str) -> bool:
+    """RMSNorm weights and the qk LayerNorm's weights and biases (all named *norm*): no weight decay, and they
+    train while optimizer.freeze_steps holds the rest."""
+    return "norm" in parameter_name
+
+
 def llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     """Llama 3.x's RoPE scaling (transformers' rope_type 'llama3'): wavelengths longer than the original context /
     low_freq_factor are stretched by `factor`, shorter than context / high_freq_factor kept, those between blended."""

@@ -31,7 +31,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig  # noqa: E40
 
 from . import megatron_cpu  # noqa: E402
 from .attention import flex_trains_on, kernel_for  # noqa: E402
-from .model import Block, RMSNorm, TensorParallel, Transformer  # noqa: E402
+from .model import Block, RMSNorm, TensorParallel, Transformer, is_norm  # noqa: E402
 from .pipeline import pipeline_module  # noqa: E402
 
 
@@ -225,8 +225,8 @@ def parallelize(cfg: TrainConfig, layout: Layout, pipeline_loss=None):
     if cfg.model.compile:
         compile_blocks(model)
     model.to(layout.device)
-    no_decay = [p for n, p in model.named_parameters() if "norm" in n]
-    decay = [p for n, p in model.named_parameters() if "norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if is_norm(n)]
+    decay = [p for n, p in model.named_parameters() if not is_norm(n)]
     o = cfg.optimizer
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
