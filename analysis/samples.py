@@ -46,7 +46,8 @@ class BackgroundSampler(TrainHooks):
         out = self.run_dir / "shapes_eval" / f"step_{step:06d}"
         out.mkdir(parents=True, exist_ok=True)
         command = [*self.loom, "eval", "shapes", str(checkpoint), "--n",
-                   str(s.shapes_eval_per_category), "--cfg-scale", str(s.cfg_scale), "--out", str(out), "--step",
+                   str(s.shapes_eval_per_category), "--cfg-scale", str(s.cfg_scale),
+                   "--temperature", str(s.temperature), "--out", str(out), "--step",
                    str(step), "--seed", "0"]
         if self.cfg.logging.tensorboard:
             command += ["--tensorboard", str(self.run_dir / "tensorboard")]

@@ -207,6 +207,7 @@ class SamplesConfig:
     prompts: list[str] = doc("Fixed text-to-image prompts drawn every time.", factory=default_sample_prompts)
     shapes_eval_per_category: int = doc("ShapesEval prompts per category (shapes-world models; 0: none).", 8)
     cfg_scale: float = doc("Classifier-free guidance scale of the samples.", 3.0)
+    temperature: float = doc("Sampling temperature of the samples (0: greedy).", 1.0)
     device: str = doc("Device of the sampling process: 'auto' (cuda when available, else cpu), 'cpu', 'cuda:N'.",
                       "auto")
 
@@ -322,6 +323,9 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     if interval < 0 or (interval and (not every or interval % every)):
         raise ConfigError(f"samples.interval ({interval}) must be 0 or a multiple of checkpoint.interval ({every}): "
                           f"samples are drawn from saved checkpoints")
+    if cfg.samples.temperature < 0 or cfg.samples.cfg_scale <= 0:
+        raise ConfigError(f"samples.temperature must be >= 0 and samples.cfg_scale > 0, got "
+                          f"{cfg.samples.temperature} and {cfg.samples.cfg_scale}")
     if interval and cfg.checkpoint.keep_last < 2:
         raise ConfigError("samples.interval > 0 needs checkpoint.keep_last >= 2, so that the next save does not "
                           "delete the checkpoint being sampled")
