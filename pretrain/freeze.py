@@ -31,7 +31,8 @@ class FreezeImported:
                 first, p = module.first_row, module.output.weight
             else:
                 continue
-            rows = torch.arange(first, first + p.shape[0], device=p.device)
+            # under ZeRO-3 p holds an empty partition; its gradient still arrives whole, in ds_shape
+            rows = torch.arange(first, first + getattr(p, "ds_shape", p.shape)[0], device=p.device)
             trainable[p] = (rows >= new_rows_from).to(p.dtype)[:, None]
         for name, p in model.named_parameters():
             if is_norm(name):  # the norms train throughout

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_loom
+from conftest import REPO, run_loom
 from test_convert import export, loom_logits
 from test_import_hf import LLAMA3_ROPE, TEXT
 
@@ -152,6 +152,36 @@ def test_an_llm_grows_trains_and_exports(style, world, tmp_path):
     ids = torch.tensor([layout.bos, *text.encode(sample), layout.special("<|image start|>"), layout.size - 1])
     with torch.no_grad():
         assert (exported(input_ids=ids[None]).logits - loom_logits(tmp_path / "run", ids)).abs().max() <= TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["parallel.zero_stage=3"], ["parallel.pp=2"]], ids=["dp2-zero3", "pp2"])
+def test_freeze_steps_hold_under_zero3_and_the_pipeline(layout, world, tmp_path):
+    """optimizer.freeze_steps where the weights are ZeRO-3 partitions or pipeline stages: through steps 1-2 only the
+    rows from new_rows_from (here Loom's specials and the codes) and the norms move, bit for bit; at step 3 all."""
+    from data_pipeline.shards import read_json
+    from data_pipeline.vocab import Vocabulary
+
+    vocab = Vocabulary.from_dict(read_json(world / "tokens" / "manifest.json")["layout"])
+    run = tmp_path / "run"
+    result = run_loom("train", REPO / "configs" / "tiny.yaml", f"out_dir={run}",
+                      f"data.sources.shapes.path={world / 'tokens'}", "parallel.nproc_per_node=2", *layout,
+                      f"model.new_rows_from={vocab.text_size}", "optimizer.freeze_steps=2", "schedule.steps=3",
+                      "schedule.warmup_steps=1", "checkpoint.interval=1", "checkpoint.keep_last=3",
+                      "data.micro_batch_size=2", "logging.interval=1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    step1, step2, step3 = (load_portable(run, s) for s in (1, 2, 3))
+    for name, before in step1.items():
+        moved = (step2[name] != before).any(-1) if before.ndim == 2 else (step2[name] != before).any()
+        if "norm" in name:
+            assert moved.all(), name
+        elif name == "head.output.weight":
+            assert not moved[:vocab.text_size].any() and moved[vocab.text_size:vocab.size].all(), name
+        elif name == "embed.embed.weight":
+            assert not moved[:vocab.text_size].any() and moved[vocab.text_size:vocab.size].any(), name
+        else:
+            assert not moved.any(), name
+        assert (step3[name] != step2[name]).any(), name
 
 
 def load_portable(run, step):
