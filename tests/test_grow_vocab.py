@@ -152,6 +152,24 @@ def test_an_llm_grows_trains_and_exports(style, world, tmp_path):
     ids = torch.tensor([layout.bos, *text.encode(sample), layout.special("<|image start|>"), layout.size - 1])
     with torch.no_grad():
         assert (exported(input_ids=ids[None]).logits - loom_logits(tmp_path / "run", ids)).abs().max() <= TOL
+    if style == "llama3":  # the whole Emu3 model (LM, visual tokenizer, processor) over the LLM's tokenizer
+        from transformers import AutoProcessor, Emu3ForConditionalGeneration
+
+        emu3 = export(tmp_path / "run", tmp_path / "emu3", "emu3")
+        processor = AutoProcessor.from_pretrained(emu3)
+        assert processor.tokenizer.encode(sample, add_special_tokens=False) == text.encode(sample)
+        assert (processor.tokenizer.bos_token_id, processor.tokenizer.eos_token_id) == (layout.bos, layout.eos)
+        assert processor.tokenizer.convert_tokens_to_ids("<|image start|>") == layout.special("<|image start|>")
+        side = 32  # the world's images: a 4x4 code grid
+        prompt = processor(text=["A red circle."], return_for_image_generation=True, ratio="1:1",
+                           image_area=side * side)["input_ids"][0]
+        from analysis.generate import Generator
+
+        assert prompt == Generator.from_checkpoint(tmp_path / "run").visual_prompt("A red circle.", "<|image start|>",
+                                                                                     (4, 4))
+        model = Emu3ForConditionalGeneration.from_pretrained(emu3, dtype=torch.float32).eval()
+        with torch.no_grad():
+            assert (model(input_ids=ids[None]).logits - loom_logits(tmp_path / "run", ids)).abs().max() <= TOL
 
 
 @pytest.mark.slow
