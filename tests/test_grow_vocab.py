@@ -127,18 +127,7 @@ def test_an_llm_grows_trains_and_exports(style, world, tmp_path):
                       "optimizer.lr=1e-3", "optimizer.freeze_steps=2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "steps 1-2 train only the new rows" in result.stdout
-    step0, step2, step5 = (load_portable(tmp_path / "run", s) for s in (0, 2, 5))
-    for name, before in step0.items():
-        moved = (step2[name] != before).any(-1) if before.ndim == 2 else (step2[name] != before).any()
-        if "norm" in name:
-            assert moved.all(), name
-        elif name == "head.output.weight":  # every output row has a gradient (the softmax)
-            assert not moved[:text_size].any() and moved[text_size:layout.size].all(), name
-        elif name == "embed.embed.weight":  # the rows of the ids in the batches
-            assert not moved[:text_size].any() and moved[text_size:layout.size].any(), name
-        else:
-            assert not moved.any(), name  # frozen bit for bit (no weight decay while frozen)
-        assert (step5[name] != step2[name]).any(), name  # then everything trains
+    assert_frozen_then_trained(*(load_portable(tmp_path / "run", s) for s in (0, 2, 5)), text_size, layout.size)
 
     # exported with the tokenizer: transformers encodes text to the ids Loom trained on, and gives Loom's logits
     export(tmp_path / "run", tmp_path / "out", "llama" if style == "llama3" else "qwen2")
@@ -188,18 +177,23 @@ def test_freeze_steps_hold_under_zero3_and_the_pipeline(layout, world, tmp_path)
                       "schedule.warmup_steps=1", "checkpoint.interval=1", "checkpoint.keep_last=3",
                       "data.micro_batch_size=2", "logging.interval=1")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    step1, step2, step3 = (load_portable(run, s) for s in (1, 2, 3))
-    for name, before in step1.items():
-        moved = (step2[name] != before).any(-1) if before.ndim == 2 else (step2[name] != before).any()
+    assert_frozen_then_trained(*(load_portable(run, s) for s in (1, 2, 3)), vocab.text_size, vocab.size)
+
+
+def assert_frozen_then_trained(before, frozen, after, new_rows_from, vocab_size):
+    """Weights `before` and at the last frozen step: only the rows from new_rows_from and the norms moved; `after`
+    the frozen steps everything moved."""
+    for name, start in before.items():
+        moved = (frozen[name] != start).any(-1) if start.ndim == 2 else (frozen[name] != start).any()
         if "norm" in name:
             assert moved.all(), name
-        elif name == "head.output.weight":
-            assert not moved[:vocab.text_size].any() and moved[vocab.text_size:vocab.size].all(), name
-        elif name == "embed.embed.weight":
-            assert not moved[:vocab.text_size].any() and moved[vocab.text_size:vocab.size].any(), name
+        elif name == "head.output.weight":  # every output row has a gradient (the softmax)
+            assert not moved[:new_rows_from].any() and moved[new_rows_from:vocab_size].all(), name
+        elif name == "embed.embed.weight":  # the rows of the ids in the batches
+            assert not moved[:new_rows_from].any() and moved[new_rows_from:vocab_size].any(), name
         else:
-            assert not moved.any(), name
-        assert (step3[name] != step2[name]).any(), name
+            assert not moved.any(), name  # frozen bit for bit (no weight decay while frozen)
+        assert (after[name] != frozen[name]).any(), name  # then everything trains
 
 
 def load_portable(run, step):

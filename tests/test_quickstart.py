@@ -38,7 +38,10 @@ def test_quickstart_end_to_end_then_skips_finished_stages(tmp_path):
 
     # the model learned the colours the prompts ask for: 64 "colors" prompts, trained against the run's own
     # untrained initialisation, apart by more than 3 sigma of the difference of two means (p(1 - p) <= 1/4)
-    colors = colors_accuracy(out / "train", 64)
+    from analysis.generate import Sampling
+
+    recipe = Sampling(temperature=shapes["temperature"], cfg_scale=shapes["cfg_scale"])  # the run's own sampling
+    colors = colors_accuracy(out / "train", 64, recipe)
     assert colors["trained"] - colors["untrained"] > 3 * math.sqrt(2 * 0.25 / 64), colors
     # and draws them well: 84% over 256 prompts with the full recipe, 81% over 32 in this test's run; 60% is
     # 5 standard errors (p(1 - p) <= 1/4 over 64 prompts: 6.3 points) below the former
@@ -50,8 +53,8 @@ def test_quickstart_end_to_end_then_skips_finished_stages(tmp_path):
     # 6 x 32 prompts with p(1 - p) <= 1/4
     export = run_loom("convert", "to-hf", out / "train", tmp_path / "hf", "--format", "emu3")
     assert export.returncode == 0, export.stderr[-2000:]
-    through_hf = run_loom("eval", "shapes", tmp_path / "hf", "--n", "32", "--cfg-scale", "1", "--temperature", "0.7",
-                          "--out", tmp_path / "hf_shapes")
+    through_hf = run_loom("eval", "shapes", tmp_path / "hf", "--n", "32", "--cfg-scale", shapes["cfg_scale"],
+                          "--temperature", shapes["temperature"], "--out", tmp_path / "hf_shapes")
     assert through_hf.returncode == 0, through_hf.stderr[-2000:]
     theirs = json.loads((tmp_path / "hf_shapes" / "shapes_eval.json").read_text())["accuracy"]["overall"]
     assert abs(theirs - shapes["accuracy"]["overall"]) <= 3 * math.sqrt(2 * 0.25 / (6 * 32))
@@ -69,15 +72,14 @@ def test_quickstart_end_to_end_then_skips_finished_stages(tmp_path):
     assert (out / "train" / "summary.json").exists()
 
 
-def colors_accuracy(run, prompts: int) -> dict:
-    """ShapesEval's colors category (the recipe's sampling) of the run's last checkpoint and of its step 0."""
-    from analysis.generate import Generator, Sampling
+def colors_accuracy(run, prompts: int, sampling) -> dict:
+    """ShapesEval's colors category of the run's last checkpoint and of its step 0."""
+    from analysis.generate import Generator
     from analysis.shapes_eval import shapes_eval
     from pretrain.parallel import single_process_groups
 
     single_process_groups()
     trained = Generator.from_checkpoint(run)
     untrained = trained.untrained()
-    recipe = Sampling(temperature=0.7, cfg_scale=1)
-    return {name: shapes_eval(gen, prompts, recipe, categories=("colors",))["accuracy"]["colors"]
+    return {name: shapes_eval(gen, prompts, sampling, categories=("colors",))["accuracy"]["colors"]
             for name, gen in (("untrained", untrained), ("trained", trained))}
