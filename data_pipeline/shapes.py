@@ -34,15 +34,41 @@ class WorldSpec:
     video_frames: int = 8
     video_fps: int = 8
     mix: tuple[float, float, float, float] = (0.45, 0.15, 0.15, 0.25)  # image, video, interleaved, text
+    glyphs: int = 0
+    """Scaling-law worlds: images show 'glyphs' (4x4 cell patterns, one per name) instead of the three shapes,
+    the k-th drawn with probability ~ k^-glyph_zipf. Each glyph is one fact to learn, met at a Zipfian rate,
+    so the image loss falls as a power law in data (Michaud et al. 2023, the quantization model) instead of
+    converging once a few shapes are known. 0 keeps the plain shapes."""
+    glyph_zipf: float = 1.2
 
 
 def plural(shape: str, n: int) -> str:
     return shape if n == 1 else shape + "s"
 
 
+def glyph_name(k: int) -> str:
+    return f"glyph-{k}"
+
+
+def glyph_cells(name: str) -> list[tuple[int, int]]:
+    """The lit cells of a glyph's 4x4 grid: 5-11 cells, fixed by its name alone."""
+    rng = random.Random(name)
+    cells = [(i, j) for i in range(4) for j in range(4)]
+    return sorted(rng.sample(cells, rng.randint(5, 11)))
+
+
+def glyph_weights(glyphs: int, zipf: float) -> list[float]:
+    return [(k + 1) ** -zipf for k in range(glyphs)]
+
+
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, color: str, cx: float, cy: float, r: float) -> None:
     fill = COLORS[color]
-    if shape == "circle":
+    if shape.startswith("glyph-"):
+        cell = 2 * r / 4  # a glyph fills the same box as a square of radius r
+        for i, j in glyph_cells(shape):
+            x, y = cx - r + j * cell, cy - r + i * cell
+            draw.rectangle([x, y, x + cell, y + cell], fill=fill)
+    elif shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif shape == "square":
         draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -81,14 +107,28 @@ def pair_caption(s1: str, c1: str, p1: str, s2: str, c2: str, p2: str) -> str:
     return f"a {c1} {s1} on the {p1} and a {c2} {s2} on the {p2}"
 
 
-def image_scene(rng: random.Random) -> tuple[list[dict], str]:
+def scene_shapes(rng: random.Random, spec: WorldSpec, n: int) -> list[str]:
+    """`n` different shape names: the three shapes uniformly, or glyphs at their Zipfian rates."""
+    if not spec.glyphs:
+        return rng.sample(SHAPES, n)
+    weights = glyph_weights(spec.glyphs, spec.glyph_zipf)
+    picked: list[str] = []
+    while len(picked) < n:
+        name = glyph_name(rng.choices(range(spec.glyphs), weights=weights)[0])
+        if name not in picked:
+            picked.append(name)
+    return picked
+
+
+def image_scene(rng: random.Random, spec: WorldSpec = WorldSpec()) -> tuple[list[dict], str]:
     """Objects and a caption: one group ('two red squares on the left') or two objects apart."""
     if rng.random() < 0.3:
-        (s1, s2), (c1, c2) = rng.sample(SHAPES, 2), rng.sample(list(COLORS), 2)
+        (s1, s2), (c1, c2) = scene_shapes(rng, spec, 2), rng.sample(list(COLORS), 2)
         p1, p2 = rng.choice([("left", "right"), ("top", "bottom")])
         objects = group_objects(rng, s1, c1, 1, p1) + group_objects(rng, s2, c2, 1, p2)
         return objects, pair_caption(s1, c1, p1, s2, c2, p2)
-    shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+    shape = scene_shapes(rng, spec, 1)[0] if spec.glyphs else rng.choice(SHAPES)
+    color = rng.choice(list(COLORS))
     count = rng.choice((1, 1, 2, 3))
     position = rng.choice(list(POSITIONS))
     return group_objects(rng, shape, color, count, position), group_caption(shape, color, count, position)
@@ -138,7 +178,7 @@ def make_document(index: int, seed: int, spec: WorldSpec = WorldSpec()) -> dict:
     segments: list[dict] = []
     truth: dict = {"kind": kind}
     if kind == "image":
-        objects, caption = image_scene(rng)
+        objects, caption = image_scene(rng, spec)
         sample["img0.png"] = encode_png(render(objects, spec.image_size))
         segments = [{"text": caption.capitalize() + "."}, {"image": "img0.png"}]
         truth.update(objects=objects, caption=caption)
@@ -150,7 +190,7 @@ def make_document(index: int, seed: int, spec: WorldSpec = WorldSpec()) -> dict:
     elif kind == "interleaved":
         truth["images"] = []
         for i in range(rng.randint(2, 3)):
-            objects, caption = image_scene(rng)
+            objects, caption = image_scene(rng, spec)
             lead = "Here is" if i == 0 else rng.choice(["Next comes", "Then we see", "After that,"])
             sample[f"img{i}.png"] = encode_png(render(objects, spec.image_size))
             segments += [{"text": f"{lead} {caption}."}, {"image": f"img{i}.png"}]
@@ -176,5 +216,7 @@ def write_world(out_dir, docs: int, seed: int, spec: WorldSpec = WorldSpec(), do
                 progress.update(1)
     summary = {"documents": docs, "by_kind": counts, "seed": seed, "image_size": spec.image_size,
                "video_frames": spec.video_frames, "shards": len(writer.written)}
+    if spec.glyphs:
+        summary.update(glyphs=spec.glyphs, glyph_zipf=spec.glyph_zipf)
     write_json_atomic(f"{out_dir}/world.json", summary)
     return summary

@@ -19,6 +19,9 @@ def cmd_synth(args) -> int:
     from data_pipeline.shapes import DOC_KINDS, WorldSpec, write_world
 
     mix = WorldSpec.mix
+    if args.glyphs < 0 or args.glyph_zipf <= 0:
+        raise SystemExit(f"loom data synth: --glyphs must be >= 0 and --glyph-zipf > 0 (got {args.glyphs}, "
+                         f"{args.glyph_zipf})")
     if args.mix:
         parts = args.mix.split(",")
         if not all("=" in part for part in parts):
@@ -31,9 +34,9 @@ def cmd_synth(args) -> int:
         mix = tuple(float(weights.get(kind, 0)) for kind in DOC_KINDS)
         if sum(mix) <= 0:
             raise SystemExit("loom data synth: --mix gives every kind weight 0")
+    spec = WorldSpec(image_size=args.image_size, mix=mix, glyphs=args.glyphs, glyph_zipf=args.glyph_zipf)
     with tqdm(total=args.docs, desc="synth", unit="doc", disable=None) as bar:
-        summary = write_world(args.out, args.docs, args.seed, WorldSpec(image_size=args.image_size, mix=mix),
-                              args.docs_per_shard, progress=bar)
+        summary = write_world(args.out, args.docs, args.seed, spec, args.docs_per_shard, progress=bar)
     print(f"synth: wrote {summary['documents']} documents ({summary['by_kind']}) in "
           f"{summary['shards']} shards to {args.out}")
     return 0
@@ -162,6 +165,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--docs-per-shard", type=int, default=500)
     p.add_argument("--mix", default=None, help="document kinds and weights, e.g. text=1 or image=1,interleaved=1 "
                                               "(default: image 0.45, video 0.15, interleaved 0.15, text 0.25)")
+    p.add_argument("--glyphs", type=int, default=0,
+                   help="images show N glyphs (4x4 cell patterns) at Zipfian rates instead of the three shapes: "
+                        "a world whose image loss scales as a power law (docs/sweeps.md); default 0, the shapes")
+    p.add_argument("--glyph-zipf", type=float, default=1.2, help="the glyphs' Zipf exponent (rate of the k-th ~ k^-s)")
     p.set_defaults(func=cmd_synth)
 
     p = data.add_parser("text-tokenizer", help="train the sentencepiece BPE text tokenizer on raw shards")

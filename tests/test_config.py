@@ -113,7 +113,8 @@ def test_the_tokenize_recipe_loads_and_validates(tmp_path):
 
 
 @pytest.mark.parametrize("name,sources", [("sweep_world", ["tokens", "heldout_tokens"]),
-                                          ("mixture_world", ["text", "images", "heldout_text", "heldout_images"])])
+                                          ("mixture_world", ["text", "images", "heldout_text", "heldout_images"]),
+                                          ("glyph_world", ["images", "heldout_images"])])
 def test_the_sweep_data_recipes_load_and_validate(name, sources, tmp_path):
     """The worlds the sweep recipes train on (their synth commands are in each file's header)."""
     from data_pipeline.tokenize_config import load_tokenize_config

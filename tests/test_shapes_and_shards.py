@@ -1,12 +1,16 @@
 import json
+import random
+from collections import Counter
 
 import numpy as np
 import pytest
 
+from conftest import run_loom
 from data_pipeline.media import MediaError, decode_image, decode_video, encode_mp4
 from data_pipeline.raw import SampleError, SkipCounter, parse_document
 from data_pipeline.sources import iter_documents
-from data_pipeline.shapes import COLORS, make_document, render, write_world
+from data_pipeline.shapes import (BACKGROUND, COLORS, WorldSpec, glyph_cells, make_document, render, scene_shapes,
+                                   write_world)
 from data_pipeline.shards import ShardError, ShardWriter, iter_samples, list_shards
 
 
@@ -39,6 +43,35 @@ def test_rendered_colors_are_where_the_truth_says():
     objects = [{"shape": "square", "color": "red", "cx": 0.27, "cy": 0.5, "r": 0.16}]
     img = render(objects, 32)
     assert tuple(img[16, 8]) == COLORS["red"] and tuple(img[16, 28]) != COLORS["red"]
+
+
+def test_glyph_world_draws_glyphs_at_zipfian_rates_and_renders_their_cells():
+    """The scaling-law world (docs/sweeps.md): the k-th glyph at rate ~ k^-s, each drawn as its 4x4 cells."""
+    spec = WorldSpec(image_size=64, glyphs=64, glyph_zipf=1.2)
+    rng = random.Random(0)
+    counts = Counter(scene_shapes(rng, spec, 1)[0] for _ in range(20000))
+    assert set(counts) <= {f"glyph-{k}" for k in range(64)}
+    ratio = counts["glyph-0"] / counts["glyph-7"]  # expected 8^1.2 = 12.1; the rarer count has ~5% noise
+    assert abs(ratio / 8 ** 1.2 - 1) < 0.15, ratio
+    assert len(set(scene_shapes(rng, spec, 2))) == 2
+
+    cells = glyph_cells("glyph-5")
+    img = render([{"shape": "glyph-5", "color": "blue", "cx": 0.5, "cy": 0.5, "r": 0.25}], 64)
+    for i in range(4):
+        for j in range(4):  # the box is 32 px from (16, 16): each cell is 8 px, sampled at its middle
+            expected = COLORS["blue"] if (i, j) in cells else BACKGROUND
+            assert tuple(img[16 + 8 * i + 4, 16 + 8 * j + 4]) == expected, (i, j)
+    truth = json.loads(make_document(0, 5, WorldSpec(mix=(1, 0, 0, 0), glyphs=64))["json"])["truth"]
+    assert all(o["shape"].startswith("glyph-") for o in truth["objects"]) and "glyph-" in truth["caption"]
+
+
+def test_synth_writes_the_glyph_world_and_refuses_a_bad_exponent(tmp_path):
+    bad = run_loom("data", "synth", "--out", tmp_path / "bad", "--glyph-zipf", "0")
+    assert bad.returncode != 0 and "--glyph-zipf" in bad.stderr and not (tmp_path / "bad").exists()
+    ok = run_loom("data", "synth", "--out", tmp_path / "w", "--docs", "40", "--mix", "image=1", "--glyphs", "16")
+    assert ok.returncode == 0, ok.stderr
+    world = json.loads((tmp_path / "w" / "world.json").read_text())
+    assert world["glyphs"] == 16 and world["glyph_zipf"] == 1.2 and world["by_kind"]["image"] == 40
 
 
 def test_video_roundtrip_through_mp4():
