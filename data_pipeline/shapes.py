@@ -111,6 +111,8 @@ def scene_shapes(rng: random.Random, spec: WorldSpec, n: int) -> list[str]:
     """`n` different shape names: the three shapes uniformly, or glyphs at their Zipfian rates."""
     if not spec.glyphs:
         return rng.sample(SHAPES, n)
+    if n > spec.glyphs:
+        raise ValueError(f"a scene of {n} different glyphs needs at least {n} glyphs, the world has {spec.glyphs}")
     weights = glyph_weights(spec.glyphs, spec.glyph_zipf)
     picked: list[str] = []
     while len(picked) < n:
@@ -127,7 +129,7 @@ def image_scene(rng: random.Random, spec: WorldSpec = WorldSpec()) -> tuple[list
         p1, p2 = rng.choice([("left", "right"), ("top", "bottom")])
         objects = group_objects(rng, s1, c1, 1, p1) + group_objects(rng, s2, c2, 1, p2)
         return objects, pair_caption(s1, c1, p1, s2, c2, p2)
-    shape = scene_shapes(rng, spec, 1)[0] if spec.glyphs else rng.choice(SHAPES)
+    shape = scene_shapes(rng, spec, 1)[0] if spec.glyphs else rng.choice(SHAPES)  # choice: the same plain world
     color = rng.choice(list(COLORS))
     count = rng.choice((1, 1, 2, 3))
     position = rng.choice(list(POSITIONS))

@@ -19,9 +19,9 @@ def cmd_synth(args) -> int:
     from data_pipeline.shapes import DOC_KINDS, WorldSpec, write_world
 
     mix = WorldSpec.mix
-    if args.glyphs < 0 or args.glyph_zipf <= 0:
-        raise SystemExit(f"loom data synth: --glyphs must be >= 0 and --glyph-zipf > 0 (got {args.glyphs}, "
-                         f"{args.glyph_zipf})")
+    if args.glyphs < 0 or args.glyphs == 1 or args.glyph_zipf <= 0:
+        raise SystemExit(f"loom data synth: --glyphs must be 0 (the shapes) or 2 or more (a scene can show two), and "
+                         f"--glyph-zipf above 0 (got {args.glyphs}, {args.glyph_zipf})")
     if args.mix:
         parts = args.mix.split(",")
         if not all("=" in part for part in parts):

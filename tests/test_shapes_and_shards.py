@@ -66,8 +66,9 @@ def test_glyph_world_draws_glyphs_at_zipfian_rates_and_renders_their_cells():
 
 
 def test_synth_writes_the_glyph_world_and_refuses_a_bad_exponent(tmp_path):
-    bad = run_loom("data", "synth", "--out", tmp_path / "bad", "--glyph-zipf", "0")
-    assert bad.returncode != 0 and "--glyph-zipf" in bad.stderr and not (tmp_path / "bad").exists()
+    for flags in (["--glyph-zipf", "0"], ["--glyphs", "1"]):
+        bad = run_loom("data", "synth", "--out", tmp_path / "bad", *flags)
+        assert bad.returncode != 0 and flags[0] in bad.stderr and not (tmp_path / "bad").exists()
     ok = run_loom("data", "synth", "--out", tmp_path / "w", "--docs", "40", "--mix", "image=1", "--glyphs", "16")
     assert ok.returncode == 0, ok.stderr
     world = json.loads((tmp_path / "w" / "world.json").read_text())
