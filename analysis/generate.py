@@ -24,7 +24,7 @@ from checkpoints_utils.convert import data_vocabulary, locate_visual_tokenizer
 from data_pipeline.media import decode_image, encode_mp4, encode_png
 from data_pipeline.text_tokenizer import AnyTextTokenizer, load_text_tokenizer, stored_text_tokenizer
 from data_pipeline.tokenize import DocumentEncoder
-from data_pipeline.visual_tokenizer import VisualTokenizer
+from data_pipeline.visual_tokenizer import load_visual_tokenizer
 from data_pipeline.vocab import Vocabulary
 from pretrain.model import KVCache, Transformer
 from pretrain.parallel import tensor_parallel_of
@@ -170,7 +170,7 @@ class Generator:
         vocabulary = Vocabulary.from_dict(vocab["layout"])
         vq_dir = locate_visual_tokenizer(vocab, data_dir, vocabulary, shared, visual_tokenizer)
         gen = cls(model.to(device, dtype), load_text_tokenizer(stored_text_tokenizer(data_dir)), vocabulary,
-                  VisualTokenizer.from_pretrained(vq_dir).to(device), vocab.get("image_size", 32))
+                  load_visual_tokenizer(vq_dir).to(device), vocab.get("image_size", 32))
         gen.run_config, gen.checkpoint = cfg, shared
         return gen
 

@@ -212,7 +212,7 @@ def tokenize_shard(source: TokenizeSource, path: Path, out_dir: Path, encoder: D
     if workers:
         items = iter(torch.utils.data.DataLoader(decoded, batch_size=None, collate_fn=as_is, num_workers=workers,
                                                  worker_init_fn=one_thread, prefetch_factor=window))
-    elif encoder.visual.codebook.is_cuda:
+    elif encoder.visual.device.type == "cuda":
         items = in_background(iter(decoded), 4 * window)
     else:
         items = iter(decoded)

@@ -30,7 +30,7 @@ from .sources import list_inputs
 from .text_tokenizer import AnyTextTokenizer, load_text_tokenizer
 from .tokenize import DocumentEncoder, tokenize_shard
 from .tokenize_config import TokenizeConfig, TokenizeSource
-from .visual_tokenizer import VisualTokenizer
+from .visual_tokenizer import load_visual_tokenizer
 from .vocab import Vocabulary, fingerprint
 
 POLL_SECONDS = 0.5
@@ -130,9 +130,9 @@ def run_tokenize(cfg: TokenizeConfig, rank: int = 0, world_size: int = 1, log=pr
     """This rank's share of the job; rank 0 then waits for the others and returns the merged manifest
     (other ranks return {}). `merged=False` skips OUT/manifest.json (a single source written in place)."""
     root = Path(cfg.out_dir)
-    text, visual = load_text_tokenizer(cfg.text_tokenizer), VisualTokenizer.from_pretrained(cfg.visual_tokenizer)
+    text, visual = load_text_tokenizer(cfg.text_tokenizer), load_visual_tokenizer(cfg.visual_tokenizer)
     visual.to(encoder_device(cfg.device))
-    vocabulary = Vocabulary.for_text(text.vocab_size, visual.codebook_size, text.bos_id, text.eos_id)
+    vocabulary = Vocabulary.for_text(text.vocab_size, visual.codebook_size, text.bos_id, text.eos_id, visual.kind)
     fp = fingerprint(vocabulary, cfg.text_tokenizer, cfg.visual_tokenizer)
     inputs = {src.name: list_inputs(src) for src in cfg.sources}
     work = [(src, path) for src in cfg.sources for path in inputs[src.name]]

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from transformers import Emu3VQVAEConfig
 from transformers.models.emu3.modeling_emu3 import Emu3VQVAE
 
+from .palette import PALETTE_FILE, PaletteTokenizer
+
 
 def to_pixels(frames: np.ndarray) -> torch.Tensor:
     """(T, H, W, 3) uint8 -> (T, 3, H, W) float in [-1, 1] (Emu3's normalisation)."""
@@ -64,8 +66,17 @@ def load_emu3_vq(directory: Path) -> Emu3VQVAE:
     return vq
 
 
+def load_visual_tokenizer(directory: str | Path) -> "VisualTokenizer | PaletteTokenizer":
+    """The visual tokenizer of a directory: a palette (pixel kind) or an Emu3VQVAE (token kind), in eval mode."""
+    if (Path(directory) / PALETTE_FILE).is_file():
+        return PaletteTokenizer.from_pretrained(directory)
+    return VisualTokenizer.from_pretrained(directory)
+
+
 class VisualTokenizer(torch.nn.Module):
     """Encode pixels to codes and decode codes to pixels; also the VQ training loss."""
+
+    kind = "token"
 
     def __init__(self, vq: Emu3VQVAE, l2_codes: bool = False):
         super().__init__()
@@ -84,6 +95,10 @@ class VisualTokenizer(torch.nn.Module):
     @property
     def codebook_size(self) -> int:
         return self.vq.config.codebook_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.codebook.device
 
     @property
     def codebook(self) -> torch.Tensor:

@@ -4,7 +4,8 @@
                         tokenizer's own ids, its added tokens included (an existing LLM's vocabulary)
         [T, T+S)        special tokens (SPECIAL_TOKENS, in this order; without <|bos|> / <|eos|> when the
                         text tokenizer has its own, which documents then start / end with)
-        [T+S, T+S+K)    visual codes 0..K-1, named <|visual token 000123|>
+        [T+S, T+S+K)    visual codes 0..K-1, named <|visual token 000123|>: VQ codes (visual_kind "token"),
+                        or palette colours, one per pixel (visual_kind "pixel", data_pipeline/palette.py)
     the model pads the embedding to a multiple of model.vocab_pad_multiple (not part of the vocabulary)
 
 The sequence format of images and videos (DocumentEncoder in data_pipeline/tokenize.py writes it):
@@ -12,7 +13,7 @@ image: <|image start|> "{h}*{w}" <|image token|> row_1 <|eol|> ... row_h <|eol|>
 video: <|video start|> "{t}*{h}*{w}" <|image token|> frame_1 ... frame_t <|video end|>,
        each frame laid out as the rows of an image followed by <|eof|>
 
-The fingerprint hashes the vocabulary, the text tokenizer's files and the VQ weights: token shards and
+The fingerprint hashes the vocabulary, the text tokenizer's files and the VQ weights (or the palette): token shards and
 checkpoints record it, and training refuses data whose fingerprint differs from the model's.
 """
 
@@ -41,14 +42,15 @@ class Vocabulary:
     special_tokens: tuple[str, ...] = SPECIAL_TOKENS
     text_bos: int | None = None  # the text tokenizer's BOS id, used instead of <|bos|>; None: it has none
     text_eos: int | None = None  # ... its EOS id
+    visual_kind: str = "token"  # what a visual id stands for: "token" (a VQ code) or "pixel" (a palette colour)
 
     @classmethod
     def for_text(cls, text_size: int, codebook_size: int, text_bos: int | None = None,
-                 text_eos: int | None = None) -> "Vocabulary":
+                 text_eos: int | None = None, visual_kind: str = "token") -> "Vocabulary":
         """The layout over a text tokenizer of `text_size` ids, reusing its BOS/EOS where it has them."""
         reused = {"<|bos|>": text_bos, "<|eos|>": text_eos}
         specials = tuple(t for t in SPECIAL_TOKENS if reused.get(t) is None)
-        return cls(text_size, codebook_size, specials, text_bos, text_eos)
+        return cls(text_size, codebook_size, specials, text_bos, text_eos, visual_kind)
 
     @property
     def visual_offset(self) -> int:
@@ -75,13 +77,13 @@ class Vocabulary:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["special_tokens"] = list(self.special_tokens)
-        # absent rather than null: the layouts (and fingerprints) of sentencepiece vocabularies stay as they were
-        return {k: v for k, v in d.items() if v is not None}
+        # absent rather than null (or "token"): the layouts and fingerprints of earlier vocabularies stay as they were
+        return {k: v for k, v in d.items() if v is not None and not (k == "visual_kind" and v == "token")}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Vocabulary":
         return cls(d["text_size"], d["codebook_size"], tuple(d["special_tokens"]), d.get("text_bos"),
-                   d.get("text_eos"))
+                   d.get("text_eos"), d.get("visual_kind", "token"))
 
 
 def _file_digest(path: Path) -> str:

@@ -42,6 +42,24 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_palette(args) -> int:
+    from data_pipeline.palette import PaletteTokenizer, image_pixels, train_palette
+
+    if args.size < 2 or args.image_size < 1:
+        raise SystemExit(f"loom data palette: --size must be 2 or more and --image-size 1 or more "
+                         f"(got {args.size}, {args.image_size})")
+    pixels, images, skipped = image_pixels(args.raw, args.image_size, args.max_images)
+    print(f"palette: k-means of {len(pixels):,} pixels from {images} images ({args.image_size}x{args.image_size}) "
+          f"into {args.size} colours", flush=True)
+    palette, summary = train_palette(pixels, args.size, seed=args.seed)
+    summary = {**summary, "images": images, "image_size": args.image_size, "skipped": dict(skipped.by_reason)}
+    PaletteTokenizer(palette).save_pretrained(args.out, summary)
+    print(f"palette: {args.size} colours ({summary['colours']:,} distinct in the data, {summary['iterations']} "
+          f"k-means iterations), RMSE {summary['rmse']:.2f} per channel (0-255), {skipped.total} images skipped "
+          f"-> {args.out}")
+    return 0
+
+
 def cmd_text_tokenizer(args) -> int:
     from data_pipeline.text_tokenizer import train_text_tokenizer
 
@@ -85,6 +103,7 @@ def cmd_vq_eval(args) -> int:
     import torch
 
     from data_pipeline.media import Geometry
+    from data_pipeline.palette import PALETTE_FILE
     from data_pipeline.visual_tokenizer import VisualTokenizer
     from data_pipeline.vq_eval import evaluate_shards
 
@@ -92,6 +111,9 @@ def cmd_vq_eval(args) -> int:
     ckpt = Path(args.checkpoint)
     if (ckpt / "vq" / "config.json").is_file():  # a training checkpoint folder
         ckpt = ckpt / "vq"
+    if (ckpt / PALETTE_FILE).is_file():
+        raise SystemExit(f"loom data visual-tokenizer eval: {ckpt} is a palette (the pixel kind), not a VQ: its "
+                         f"reconstruction error (RMSE per channel) is in its config.json")
     trained = ckpt / "loom_vq_train.json"
     data_cfg = json.loads(trained.read_text())["config"]["data"] if trained.is_file() else {}
     geometry = Geometry(**data_cfg["geometry"]) if data_cfg else Geometry()
@@ -170,6 +192,15 @@ def add_parsers(sub) -> None:
                         "a world whose image loss scales as a power law (docs/sweeps.md); default 0, the shapes")
     p.add_argument("--glyph-zipf", type=float, default=1.2, help="the glyphs' Zipf exponent (rate of the k-th ~ k^-s)")
     p.set_defaults(func=cmd_synth)
+
+    p = data.add_parser("palette", help="train the pixel kind's colour palette (k-means over the images' pixels)")
+    p.add_argument("--raw", nargs="+", required=True, help="Loom raw shard directories")
+    p.add_argument("--out", required=True, help="palette directory (palette.safetensors + config.json)")
+    p.add_argument("--size", type=int, default=512, help="colours in the palette (ImageGPT: 512, 9 bits)")
+    p.add_argument("--image-size", type=int, default=32, help="images are cropped and resized to this square grid")
+    p.add_argument("--max-images", type=int, default=2000, help="images whose pixels are clustered")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_palette)
 
     p = data.add_parser("text-tokenizer", help="train the sentencepiece BPE text tokenizer on raw shards")
     where = p.add_mutually_exclusive_group(required=True)

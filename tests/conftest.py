@@ -50,6 +50,33 @@ def copy_with_fingerprint(src: Path, dst: Path, json_name: str, fingerprint: str
     return dst
 
 
+def spans_of(token_dir: Path, manifest: dict):
+    """(kind, span as a list of ids) of every modality span of every document of token shards."""
+    import json
+
+    from data_pipeline.shards import iter_samples, npy_load
+
+    for shard in manifest["shards"]:
+        for sample in iter_samples(token_dir / shard):
+            tokens = npy_load(sample["tokens.npy"])
+            for start, end, kind in json.loads(sample["spans.json"]):
+                yield kind, tokens[start:end].tolist()
+
+
+def assert_image_grid(span: list, vocabulary, text, h: int, w: int) -> None:
+    """An image span in the Emu3 layout: <|image start|> "h*w" <|image token|>, h rows of w visual ids each ended
+    by <|eol|>, then <|eof|> <|image end|>."""
+    import numpy as np
+
+    L = vocabulary
+    prefix = [L.special("<|image start|>")] + text.encode(f"{h}*{w}") + [L.special("<|image token|>")]
+    assert span[:len(prefix)] == prefix
+    grid = np.array(span[len(prefix):-2]).reshape(h, w + 1)
+    assert (grid[:, w] == L.special("<|eol|>")).all()
+    assert (grid[:, :w] >= L.visual_offset).all() and (grid[:, :w] < L.size).all()
+    assert span[-2:] == [L.special("<|eof|>"), L.special("<|image end|>")]
+
+
 def run_loom(*args, cwd=None, timeout=600, env=None):
     """Run the `loom` CLI in a fresh interpreter; returns the CompletedProcess (text output)."""
     import subprocess

@@ -4,7 +4,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import copy_with_fingerprint
+from conftest import assert_image_grid, copy_with_fingerprint
 from data_pipeline.shards import ShardWriter, iter_samples, npy_load, read_json
 from data_pipeline.shapes import make_document
 from data_pipeline.tokenize_job import tokenize
@@ -34,11 +34,7 @@ def test_token_shards_follow_the_emu3_layout(world):
                 span = tokens[start:end].tolist()
                 seen.add(kind)
                 if kind == "image":
-                    prefix = [L.special("<|image start|>")] + text.encode("4*4") + [L.special("<|image token|>")]
-                    assert span[:len(prefix)] == prefix
-                    grid = np.array(span[len(prefix):-2]).reshape(4, 5)  # 4 rows of 4 codes + eol
-                    assert (grid[:, 4] == L.special("<|eol|>")).all() and (grid[:, :4] >= L.visual_offset).all()
-                    assert span[-2:] == [L.special("<|eof|>"), L.special("<|image end|>")]
+                    assert_image_grid(span, L, text, 4, 4)  # 32x32 pixels, 8x downsampling
                 if kind == "video":
                     assert span[0] == L.special("<|video start|>") and span[-1] == L.special("<|video end|>")
                     assert span.count(L.special("<|eof|>")) == 2  # 8 frames -> 2 latent frames
