@@ -41,6 +41,11 @@ class WorldSpec:
     converging once a few shapes are known. 0 keeps the plain shapes."""
     glyph_zipf: float = 1.2
 
+    def __post_init__(self):
+        if self.glyphs < 0 or self.glyphs == 1 or self.glyph_zipf <= 0:
+            raise ValueError(f"glyphs must be 0 (the shapes) or 2 or more (a scene can show two), and glyph_zipf "
+                             f"above 0 (got {self.glyphs}, {self.glyph_zipf})")
+
 
 def plural(shape: str, n: int) -> str:
     return shape if n == 1 else shape + "s"
@@ -111,8 +116,6 @@ def scene_shapes(rng: random.Random, spec: WorldSpec, n: int) -> list[str]:
     """`n` different shape names: the three shapes uniformly, or glyphs at their Zipfian rates."""
     if not spec.glyphs:
         return rng.sample(SHAPES, n)
-    if n > spec.glyphs:
-        raise ValueError(f"a scene of {n} different glyphs needs at least {n} glyphs, the world has {spec.glyphs}")
     weights = glyph_weights(spec.glyphs, spec.glyph_zipf)
     picked: list[str] = []
     while len(picked) < n:

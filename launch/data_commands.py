@@ -19,9 +19,6 @@ def cmd_synth(args) -> int:
     from data_pipeline.shapes import DOC_KINDS, WorldSpec, write_world
 
     mix = WorldSpec.mix
-    if args.glyphs < 0 or args.glyphs == 1 or args.glyph_zipf <= 0:
-        raise SystemExit(f"loom data synth: --glyphs must be 0 (the shapes) or 2 or more (a scene can show two), and "
-                         f"--glyph-zipf above 0 (got {args.glyphs}, {args.glyph_zipf})")
     if args.mix:
         parts = args.mix.split(",")
         if not all("=" in part for part in parts):
@@ -34,7 +31,10 @@ def cmd_synth(args) -> int:
         mix = tuple(float(weights.get(kind, 0)) for kind in DOC_KINDS)
         if sum(mix) <= 0:
             raise SystemExit("loom data synth: --mix gives every kind weight 0")
-    spec = WorldSpec(image_size=args.image_size, mix=mix, glyphs=args.glyphs, glyph_zipf=args.glyph_zipf)
+    try:
+        spec = WorldSpec(image_size=args.image_size, mix=mix, glyphs=args.glyphs, glyph_zipf=args.glyph_zipf)
+    except ValueError as e:
+        raise SystemExit(f"loom data synth: --glyphs {args.glyphs} --glyph-zipf {args.glyph_zipf}: {e}") from None
     with tqdm(total=args.docs, desc="synth", unit="doc", disable=None) as bar:
         summary = write_world(args.out, args.docs, args.seed, spec, args.docs_per_shard, progress=bar)
     print(f"synth: wrote {summary['documents']} documents ({summary['by_kind']}) in "
