@@ -85,6 +85,7 @@ class PaletteTokenizer:
     """Pixels <-> palette indices; the same calls as `VisualTokenizer`, with spatial and temporal factors 1."""
 
     kind = "pixel"
+    scale_maps = ()  # one map per frame, as the token kind
     spatial = 1
     temporal = 1
     device = torch.device("cpu")  # a table lookup: the CPU is enough

@@ -26,7 +26,7 @@ from .sources import read_input
 from .text_tokenizer import TextTokenizer
 from .tokenize_config import TokenizeSource
 from .visual_tokenizer import VisualTokenizer
-from .vocab import Vocabulary
+from .vocab import SCALE_MARKER, Vocabulary
 
 
 class DocumentEncoder:
@@ -49,22 +49,36 @@ class DocumentEncoder:
         eol = np.full((ids.shape[0], 1), L.special("<|eol|>"))
         return np.concatenate([ids.astype(np.int64), eol], axis=1).reshape(-1).tolist() + [L.special("<|eof|>")]
 
-    def grid_tokens(self, codes: np.ndarray) -> list[int]:
-        """codes (h, w) -> the frame of their visual ids."""
-        return self.frame_tokens(codes.astype(np.int64) + self.vocabulary.visual_offset)
+    def grid_tokens(self, codes) -> list[int]:
+        """codes (h, w) -> the frame of their visual ids; the scale kind's maps [(h_k, w_k)] -> each after
+        <|scale|>, then <|eof|>."""
+        L = self.vocabulary
+        if L.visual_kind != "scale":
+            return self.frame_tokens(codes.astype(np.int64) + L.visual_offset)
+        marker = [L.special(SCALE_MARKER)]
+        return [t for m in codes for t in marker + (m.astype(np.int64).reshape(-1) + L.visual_offset).tolist()] + \
+            [L.special("<|eof|>")]
+
+    @staticmethod
+    def grid_shape(codes) -> tuple[int, ...]:
+        """The shape of an image's or video's codes (t, h, w or h, w): the finest map's for the scale kind."""
+        return codes[-1].shape if isinstance(codes, list) else codes.shape
 
     def visual_prefix(self, start: str, shape: tuple[int, ...]) -> list[int]:
         """`start` (<|image start|> or <|video start|>), the grid shape as text ("4*4", "2*4*4"), <|image token|>."""
         L = self.vocabulary
         return [L.special(start)] + self.text.encode("*".join(map(str, shape))) + [L.special("<|image token|>")]
 
-    def image_tokens(self, codes: np.ndarray) -> list[int]:
-        return (self.visual_prefix("<|image start|>", codes.shape) + self.grid_tokens(codes) +
+    def image_tokens(self, codes) -> list[int]:
+        return (self.visual_prefix("<|image start|>", self.grid_shape(codes)) + self.grid_tokens(codes) +
                 [self.vocabulary.special("<|image end|>")])
 
-    def video_tokens(self, codes: np.ndarray) -> list[int]:
-        frames = [tok for frame in codes for tok in self.grid_tokens(frame)]
-        return self.visual_prefix("<|video start|>", codes.shape) + frames + [self.vocabulary.special("<|video end|>")]
+    def video_tokens(self, codes) -> list[int]:
+        """codes (t, h, w), or the scale kind's maps [(t, h_k, w_k)] -> the video, frame by frame."""
+        shape = self.grid_shape(codes)
+        per_frame = [[m[i] for m in codes] for i in range(shape[0])] if isinstance(codes, list) else codes
+        frames = [tok for frame in per_frame for tok in self.grid_tokens(frame)]
+        return self.visual_prefix("<|video start|>", shape) + frames + [self.vocabulary.special("<|video end|>")]
 
     def decode(self, segments) -> list[tuple[str, str | np.ndarray]]:
         """Segments -> (kind, text or uint8 pixels: (H, W, 3) image, (T, H, W, 3) video); MediaError if bad."""

@@ -132,7 +132,8 @@ def run_tokenize(cfg: TokenizeConfig, rank: int = 0, world_size: int = 1, log=pr
     root = Path(cfg.out_dir)
     text, visual = load_text_tokenizer(cfg.text_tokenizer), load_visual_tokenizer(cfg.visual_tokenizer)
     visual.to(encoder_device(cfg.device))
-    vocabulary = Vocabulary.for_text(text.vocab_size, visual.codebook_size, text.bos_id, text.eos_id, visual.kind)
+    vocabulary = Vocabulary.for_text(text.vocab_size, visual.codebook_size, text.bos_id, text.eos_id, visual.kind,
+                                     tuple(visual.scale_maps))
     fp = fingerprint(vocabulary, cfg.text_tokenizer, cfg.visual_tokenizer)
     inputs = {src.name: list_inputs(src) for src in cfg.sources}
     work = [(src, path) for src in cfg.sources for path in inputs[src.name]]

@@ -10,6 +10,13 @@ and decodes only the first of the 4 output frames (the one an image is read from
 The weights are an HF `Emu3VQVAE` directory (config.json + safetensors): released Emu3 tokenizers
 load, and what Loom trains loads in transformers. With l2-normalized codes the stored codebook has
 unit rows, so transformers' Euclidean nearest-code lookup picks the same codes as Loom's cosine one.
+
+The scale kind (VAR, Tian et al. 2024) keeps the encoder, decoder and one codebook but quantizes a
+latent frame (C, h, w) as K token maps of growing sides (config `loom_scale_maps`, e.g. 1,2,3,4,6,8):
+map k is the nearest codes to the residual left by maps < k, area-downsampled to its side; its codes'
+vectors, upsampled back to (h, w) (bicubic), add up to the quantized latent. Decoding the first k maps
+gives a coarser image, so each map refines the ones before it. transformers loads such a directory as
+an Emu3VQVAE, but its own `encode`/`decode` know one map only.
 """
 
 from __future__ import annotations
@@ -74,9 +81,12 @@ def load_visual_tokenizer(directory: str | Path) -> "VisualTokenizer | PaletteTo
 
 
 class VisualTokenizer(torch.nn.Module):
-    """Encode pixels to codes and decode codes to pixels; also the VQ training loss."""
+    """Encode pixels to codes and decode codes to pixels; also the VQ training loss.
 
-    kind = "token"
+    Codes are one map (B, t, h, w) for the token kind, and a list of K maps [(B, t, h_k, w_k)], coarse to
+    fine, for the scale kind."""
+
+    kind = "token"  # "scale" for a multi-scale residual quantizer (set per instance)
 
     def __init__(self, vq: Emu3VQVAE, l2_codes: bool = False):
         super().__init__()
@@ -84,6 +94,11 @@ class VisualTokenizer(torch.nn.Module):
         self.l2_codes = l2_codes
         self.temporal = vq.config.temporal_downsample_factor
         self.spatial = 2 ** (len(vq.config.channel_multiplier) - 1)
+        self.scale_maps = list(getattr(vq.config, "loom_scale_maps", None) or [])
+        self.kind = "scale" if self.scale_maps else "token"
+        if self.scale_maps and l2_codes:
+            raise ValueError("a multi-scale residual quantizer needs Euclidean codes: residuals shrink, unit codes "
+                             "cannot fit them (set codebook.l2_normalize=false)")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, l2_codes: bool = False) -> "VisualTokenizer":
@@ -142,6 +157,44 @@ class VisualTokenizer(torch.nn.Module):
         """(B, t, h, w) -> (B, t, C, h, w)."""
         return self.vq.quantize.embedding(codes).permute(0, 1, 4, 2, 3)
 
+    def map_shapes(self, h: int, w: int) -> list[tuple[int, int]]:
+        """(h_k, w_k) of each token map of an h x w latent frame, coarse to fine; the last is (h, w)."""
+        last = self.scale_maps[-1]
+        return [(max(1, round(h * s / last)), max(1, round(w * s / last))) for s in self.scale_maps]
+
+    def quantize_maps(self, z: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Multi-scale residual quantization of latents (B, t, C, h, w) (VAR's `VectorQuantizer2`): codes per map
+        [(B, t, h_k, w_k)], each map's code vectors upsampled to the frame [(B*t, C, h, w)] (differentiable in
+        the codebook; their sum is the quantized latent) and the residual each map was fit to [(B*t, C, h_k, w_k)]."""
+        b, t, _, h, w = z.shape
+        rest = z.detach().flatten(0, 1).float()                            # (N, C, h, w)
+        codes, ups, residuals = [], [], []
+        for hk, wk in self.map_shapes(h, w):
+            target = rest if (hk, wk) == (h, w) else F.interpolate(rest, size=(hk, wk), mode="area")
+            idx = self.nearest_codes(target[:, None])[:, 0]                # (N, h_k, w_k)
+            up = self.upsample(self.embed_codes(idx[:, None])[:, 0].float(), h, w)
+            codes.append(idx.view(b, t, hk, wk))
+            ups.append(up)
+            residuals.append(target)
+            rest = rest - up.detach()
+        return codes, ups, residuals
+
+    @staticmethod
+    def upsample(vectors: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Code vectors (N, C, h_k, w_k) -> (N, C, h, w), bicubic as VAR."""
+        return vectors if vectors.shape[-2:] == (h, w) else F.interpolate(vectors, size=(h, w), mode="bicubic")
+
+    def embed_maps(self, codes: list[torch.Tensor], upto: int | None = None) -> torch.Tensor:
+        """The first `upto` (default all) maps of [(B, t, h_k, w_k)] -> the quantized latent (B, t, C, h, w);
+        the frame size is the last map's."""
+        b, t, h, w = codes[-1].shape
+        total = sum(self.upsample(self.embed_codes(c.flatten(0, 1)[:, None])[:, 0], h, w) for c in codes[:upto])
+        return total.unflatten(0, (b, t))
+
+    def flat_codes(self, codes) -> torch.Tensor:
+        """Every code of one map or of a list of maps, as a 1-D tensor (usage statistics)."""
+        return torch.cat([c.flatten() for c in codes]) if self.scale_maps else codes.flatten()
+
     @torch.no_grad()
     def project_codebook(self) -> None:
         """Keep l2 codes on the unit sphere (after every optimizer or EMA update)."""
@@ -172,47 +225,72 @@ class VisualTokenizer(torch.nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3, H, W) in [-1, 1] -> codes (B, T/4 or 1, H/8, W/8). Eval mode: BatchNorm must not move."""
-        return self.nearest_codes(self.normalize(self.latents(pixels)))
+    def encode(self, pixels: torch.Tensor):
+        """(B, T, 3, H, W) in [-1, 1] -> codes (B, T/4 or 1, H/8, W/8), or the scale kind's maps of that frame
+        size. Eval mode: BatchNorm must not move."""
+        z = self.normalize(self.latents(pixels))
+        return self.quantize_maps(z)[0] if self.scale_maps else self.nearest_codes(z)
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor, image: bool = False) -> torch.Tensor:
-        """codes (B, t, h, w) -> pixels (B, 4t, 3, 8h, 8w) (or one frame for an image) in [-1, 1]."""
-        return self.decode_quantized(self.embed_codes(codes), image).clamp(-1, 1)
+    def decode(self, codes, image: bool = False, upto: int | None = None) -> torch.Tensor:
+        """codes (B, t, h, w), or the scale kind's maps (of which the first `upto`) -> pixels (B, 4t, 3, 8h, 8w)
+        (or one frame for an image) in [-1, 1]."""
+        quant = self.embed_maps(codes, upto) if self.scale_maps else self.embed_codes(codes)
+        return self.decode_quantized(quant, image).clamp(-1, 1)
 
-    def encode_images(self, rgb: np.ndarray) -> np.ndarray:
-        """(B, H, W, 3) uint8 images of one size -> codes (B, H/8, W/8)."""
-        return self.encode(to_pixels(rgb)[:, None].to(self.codebook.device))[:, 0].cpu().numpy()
+    def _numpy(self, codes, index):
+        return [c[index].cpu().numpy() for c in codes] if self.scale_maps else codes[index].cpu().numpy()
 
-    def encode_image(self, rgb: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 -> codes (H/8, W/8)."""
+    def _tensor(self, codes, index):
+        as_long = lambda c: torch.as_tensor(c, dtype=torch.long, device=self.device)[index]  # noqa: E731
+        return [as_long(c) for c in codes] if self.scale_maps else as_long(codes)
+
+    def encode_images(self, rgb: np.ndarray) -> list:
+        """(B, H, W, 3) uint8 images of one size -> per image its codes (H/8, W/8), or its maps [(h_k, w_k)]."""
+        codes = self.encode(to_pixels(rgb)[:, None].to(self.device))
+        return [self._numpy(codes, (i, 0)) for i in range(len(rgb))]
+
+    def encode_image(self, rgb: np.ndarray):
+        """(H, W, 3) uint8 -> codes (H/8, W/8), or maps [(h_k, w_k)]."""
         return self.encode_images(rgb[None])[0]
 
-    def encode_video(self, frames: np.ndarray) -> np.ndarray:
-        """(T, H, W, 3) uint8, T a multiple of 4 -> codes (T/4, H/8, W/8)."""
+    def encode_video(self, frames: np.ndarray):
+        """(T, H, W, 3) uint8, T a multiple of 4 -> codes (T/4, H/8, W/8), or maps [(T/4, h_k, w_k)]."""
         if len(frames) % self.temporal:
             raise ValueError(f"a clip needs a multiple of {self.temporal} frames, got {len(frames)}")
-        return self.encode(to_pixels(frames)[None].to(self.codebook.device))[0].cpu().numpy()
+        return self._numpy(self.encode(to_pixels(frames)[None].to(self.device)), 0)
 
-    def decode_image(self, codes: np.ndarray) -> np.ndarray:
-        """codes (h, w) -> (8h, 8w, 3) uint8."""
-        pixels = self.decode(torch.as_tensor(codes, dtype=torch.long)[None, None], image=True)
+    def decode_image(self, codes, upto: int | None = None) -> np.ndarray:
+        """codes (h, w), or maps [(h_k, w_k)] (of which the first `upto`) -> (8h, 8w, 3) uint8."""
+        pixels = self.decode(self._tensor(codes, (None, None)), image=True, upto=upto)
         return to_uint8(pixels[0])[0]
 
-    def decode_video(self, codes: np.ndarray) -> np.ndarray:
-        """codes (t, h, w) -> (4t, 8h, 8w, 3) uint8."""
-        return to_uint8(self.decode(torch.as_tensor(codes, dtype=torch.long)[None])[0])
+    def decode_video(self, codes) -> np.ndarray:
+        """codes (t, h, w), or maps [(t, h_k, w_k)] -> (4t, 8h, 8w, 3) uint8."""
+        return to_uint8(self.decode(self._tensor(codes, None))[0])
 
     # ------------------------------------------------------------------ training
     def training_loss(self, pixels: torch.Tensor, commitment: float, codebook_loss: bool = True
                       ) -> tuple[torch.Tensor, dict]:
         """VQ-VAE loss on a clip batch (B, T, 3, H, W), T == 1 for images: L1 + L2 reconstruction,
-        commitment, and (unless the codebook is updated by EMA) the codebook loss."""
+        commitment, and (unless the codebook is updated by EMA) the codebook loss. The scale kind takes the
+        last two as VAR does: the mean over maps of those of the running sum of maps. Statistics: every code
+        (1-D) and the vector each was fit to (N, C), for usage, restarts and EMA."""
         z = self.normalize(self.latents(pixels).float())                   # (B, t, C, h, w)
-        codes = self.nearest_codes(z)
-        quant = self.embed_codes(codes).float()
-        commit = F.mse_loss(z, quant.detach())
+        if self.scale_maps:
+            codes, ups, residuals = self.quantize_maps(z)
+            flat_z, quant, commit, fit = z.flatten(0, 1), 0, 0, 0
+            for up in ups:
+                quant = quant + up                                         # (B*t, C, h, w)
+                commit = commit + F.mse_loss(flat_z, quant.detach()) / len(ups)
+                fit = fit + F.mse_loss(quant, flat_z.detach()) / len(ups)
+            quant = quant.unflatten(0, z.shape[:2])
+            vectors = torch.cat([r.permute(0, 2, 3, 1).reshape(-1, r.shape[1]) for r in residuals])
+        else:
+            codes = self.nearest_codes(z)
+            quant = self.embed_codes(codes).float()
+            commit, fit = F.mse_loss(z, quant.detach()), F.mse_loss(quant, z.detach())
+            vectors = z.detach().permute(0, 1, 3, 4, 2).reshape(-1, z.shape[2])
         quant_st = z + (quant - z).detach()                                # straight-through estimator
         recon = self.decode_quantized(quant_st, image=pixels.shape[1] == 1).float()
         target = pixels.float()
@@ -220,6 +298,6 @@ class VisualTokenizer(torch.nn.Module):
         recon_loss = F.l1_loss(recon, target) + mse
         loss = recon_loss + commitment * commit
         if codebook_loss:
-            loss = loss + F.mse_loss(quant, z.detach())
+            loss = loss + fit
         return loss, {"loss": loss.detach(), "recon": recon_loss.detach(), "mse": mse.detach(),
-                      "codes": codes, "latents": z.detach()}
+                      "codes": self.flat_codes(codes), "vectors": vectors}

@@ -5,13 +5,17 @@
         [T, T+S)        special tokens (SPECIAL_TOKENS, in this order; without <|bos|> / <|eos|> when the
                         text tokenizer has its own, which documents then start / end with)
         [T+S, T+S+K)    visual codes 0..K-1, named <|visual token 000123|>: VQ codes (visual_kind "token"),
-                        or palette colours, one per pixel (visual_kind "pixel", data_pipeline/palette.py)
+                        palette colours, one per pixel (visual_kind "pixel", data_pipeline/palette.py), or the
+                        codes of a multi-scale residual VQ (visual_kind "scale", with its `scale_maps`)
     the model pads the embedding to a multiple of model.vocab_pad_multiple (not part of the vocabulary)
 
 The sequence format of images and videos (DocumentEncoder in data_pipeline/tokenize.py writes it):
 image: <|image start|> "{h}*{w}" <|image token|> row_1 <|eol|> ... row_h <|eol|> <|eof|> <|image end|>
 video: <|video start|> "{t}*{h}*{w}" <|image token|> frame_1 ... frame_t <|video end|>,
        each frame laid out as the rows of an image followed by <|eof|>
+scale kind: a frame is its maps coarse to fine, each after a <|scale|> marker, then <|eof|>:
+       <|scale|> map_1 ... <|scale|> map_K <|eof|>, each map's codes row-major. The marker takes the id of
+       <|reserved 1|> (<|reserved 0|> is the Emu3 export's image placeholder).
 
 The fingerprint hashes the vocabulary, the text tokenizer's files and the VQ weights (or the palette): token shards and
 checkpoints record it, and training refuses data whose fingerprint differs from the model's.
@@ -30,6 +34,8 @@ SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|image start|>", "<|image e
                   "<|image token|>", "<|eol|>", "<|eof|>", "<|video start|>", "<|video end|>",
                   *(f"<|reserved {i}|>" for i in range(6)))
 
+SCALE_MARKER = "<|scale|>"  # before each token map of the scale kind (in place of <|reserved 1|>)
+
 # Loss kinds of a target token (the loader's `loss_kind`; 0 means no loss on that position).
 IGNORE, TEXT, IMAGE, VIDEO, VISUAL_STRUCTURE = 0, 1, 2, 3, 4
 LOSS_KIND_NAMES = {TEXT: "text", IMAGE: "image", VIDEO: "video", VISUAL_STRUCTURE: "visual_structure"}
@@ -42,15 +48,20 @@ class Vocabulary:
     special_tokens: tuple[str, ...] = SPECIAL_TOKENS
     text_bos: int | None = None  # the text tokenizer's BOS id, used instead of <|bos|>; None: it has none
     text_eos: int | None = None  # ... its EOS id
-    visual_kind: str = "token"  # what a visual id stands for: "token" (a VQ code) or "pixel" (a palette colour)
+    visual_kind: str = "token"  # what a visual id stands for: "token" (a VQ code), "pixel" (a palette colour)
+    #                             or "scale" (a code of a multi-scale residual VQ)
+    scale_maps: tuple[int, ...] = ()  # the scale kind's map sides, coarse to fine
 
     @classmethod
     def for_text(cls, text_size: int, codebook_size: int, text_bos: int | None = None,
-                 text_eos: int | None = None, visual_kind: str = "token") -> "Vocabulary":
+                 text_eos: int | None = None, visual_kind: str = "token",
+                 scale_maps: tuple[int, ...] = ()) -> "Vocabulary":
         """The layout over a text tokenizer of `text_size` ids, reusing its BOS/EOS where it has them."""
         reused = {"<|bos|>": text_bos, "<|eos|>": text_eos}
         specials = tuple(t for t in SPECIAL_TOKENS if reused.get(t) is None)
-        return cls(text_size, codebook_size, specials, text_bos, text_eos, visual_kind)
+        if visual_kind == "scale":
+            specials = tuple(SCALE_MARKER if t == "<|reserved 1|>" else t for t in specials)
+        return cls(text_size, codebook_size, specials, text_bos, text_eos, visual_kind, tuple(scale_maps))
 
     @property
     def visual_offset(self) -> int:
@@ -77,13 +88,15 @@ class Vocabulary:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["special_tokens"] = list(self.special_tokens)
-        # absent rather than null (or "token"): the layouts and fingerprints of earlier vocabularies stay as they were
-        return {k: v for k, v in d.items() if v is not None and not (k == "visual_kind" and v == "token")}
+        d["scale_maps"] = list(self.scale_maps)
+        # absent rather than null (or "token", or []): the layouts and fingerprints of earlier vocabularies stay
+        return {k: v for k, v in d.items()
+                if v is not None and v != [] and not (k == "visual_kind" and v == "token")}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Vocabulary":
         return cls(d["text_size"], d["codebook_size"], tuple(d["special_tokens"]), d.get("text_bos"),
-                   d.get("text_eos"), d.get("visual_kind", "token"))
+                   d.get("text_eos"), d.get("visual_kind", "token"), tuple(d.get("scale_maps", ())))
 
 
 def _file_digest(path: Path) -> str:

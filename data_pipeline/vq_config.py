@@ -25,6 +25,10 @@ class VQModelConfig:
     channel_multiplier: list[int] = doc("Width multiplier per stage; len - 1 stages halve the "
                                         "resolution (4 stages: 8x).", factory=lambda: [1, 1, 2, 2])
     num_res_blocks: int = doc("Residual blocks per stage.", 1)
+    scale_maps: list[int] = doc("The scale kind (VAR): sides of the token maps a latent frame is quantized into, "
+                                "coarse to fine, each fit to the residual of the ones before, the last the full "
+                                "latent grid (e.g. [1, 2, 3, 4, 6, 8] for 64x64 images at 8x). Empty: one map, "
+                                "the token kind. Needs codebook.l2_normalize=false.", factory=list)
     from_pretrained: str = doc("Start from this local HF Emu3VQVAE (or Emu3 model) directory instead of "
                                "random weights; its architecture replaces the fields above.", "")
 
@@ -33,7 +37,8 @@ class VQModelConfig:
             codebook_size=self.codebook_size, embed_dim=self.embed_dim, latent_channels=self.embed_dim,
             base_channels=self.base_channels, channel_multiplier=list(self.channel_multiplier),
             num_res_blocks=self.num_res_blocks, attn_resolutions=[],
-            hidden_size=self.base_channels * self.channel_multiplier[-1])
+            hidden_size=self.base_channels * self.channel_multiplier[-1],
+            **({"loom_scale_maps": list(self.scale_maps)} if self.scale_maps else {}))
 
 
 @dataclass
@@ -125,6 +130,20 @@ def validate_vq(cfg: VQConfig, world_size: int = 1) -> None:
                               f"is {d.geometry.multiple}: make them agree")
     elif not (Path(m.from_pretrained) / "config.json").is_file():
         raise ConfigError(f"model.from_pretrained: {m.from_pretrained} is not a directory with config.json")
+    maps = m.scale_maps
+    if maps:
+        if m.from_pretrained:
+            raise ConfigError("model.scale_maps with model.from_pretrained: a pretrained tokenizer keeps its own "
+                              "quantizer; leave model.scale_maps empty")
+        if any(b <= a for a, b in zip(maps, maps[1:])) or maps[0] < 1:
+            raise ConfigError(f"model.scale_maps={maps}: give increasing sides from 1, e.g. [1, 2, 3, 4, 6, 8]")
+        grid = d.geometry.size // d.geometry.multiple
+        if d.geometry.mode == "crop" and maps[-1] != grid:  # other grids scale the sides in proportion
+            raise ConfigError(f"model.scale_maps ends at {maps[-1]}, but data.geometry.size {d.geometry.size} at "
+                              f"{d.geometry.multiple}x gives a {grid}x{grid} latent grid: end the list at {grid}")
+        if cfg.codebook.l2_normalize:
+            raise ConfigError("model.scale_maps needs codebook.l2_normalize=false: residuals shrink map by map, "
+                              "unit-length codes cannot fit them")
     if cfg.codebook.update not in ("loss", "ema"):
         raise ConfigError(f"codebook.update='{cfg.codebook.update}': use 'loss' or 'ema'")
     if not d.scales or any(not 0 < x <= 1 for x in d.scales):

@@ -52,18 +52,29 @@ class Reconstructions:
         self.histogram = torch.zeros(codebook_size, dtype=torch.long)
         self.sums = defaultdict(float)
         self.counts = defaultdict(int)
+        self.psnr_by_maps: dict[int, float] = defaultdict(float)  # the scale kind: PSNR decoding the first k maps
 
     @torch.no_grad()
     def add(self, tokenizer: VisualTokenizer, pixels: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         """pixels (B, T, 3, H, W), T == 1 for images; returns codes and reconstructions."""
         device = tokenizer.codebook.device
         codes = tokenizer.encode(pixels.to(device))
-        recon = tokenizer.decode(codes, image=pixels.shape[1] == 1).float().cpu()
-        codes, pixels = codes.cpu(), pixels.float()
-        self.histogram += torch.bincount(codes.flatten(), minlength=len(self.histogram))
+        image = pixels.shape[1] == 1
+        recon = tokenizer.decode(codes, image).float().cpu()
+        pixels = pixels.float()
+        self.histogram += torch.bincount(tokenizer.flat_codes(codes).cpu(), minlength=len(self.histogram))
         frames_a, frames_b = pixels.flatten(0, 1), recon.flatten(0, 1)
-        mse = (frames_a - frames_b).pow(2).flatten(1).mean(1).view(pixels.shape[0], -1).mean(1)
-        self.sums[f"psnr_{kind}"] += sum(psnr(m) for m in mse.tolist())
+
+        def clip_psnr(recon_frames):
+            mse = (frames_a - recon_frames).pow(2).flatten(1).mean(1).view(pixels.shape[0], -1).mean(1)
+            return sum(psnr(m) for m in mse.tolist())
+
+        full = clip_psnr(frames_b)
+        self.sums[f"psnr_{kind}"] += full
+        for k in range(1, len(tokenizer.scale_maps)):
+            self.psnr_by_maps[k] += clip_psnr(tokenizer.decode(codes, image, upto=k).float().cpu().flatten(0, 1))
+        if tokenizer.scale_maps:
+            self.psnr_by_maps[len(tokenizer.scale_maps)] += full
         # the baseline a tokenizer must beat to carry more than colour averages: each frame as its mean colour
         flat = frames_a.mean((2, 3), keepdim=True)
         flat_mse = (frames_a - flat).pow(2).flatten(1).mean(1).view(pixels.shape[0], -1).mean(1)
@@ -80,11 +91,16 @@ class Reconstructions:
         for metric in ("psnr", "ssim", "flat_psnr"):
             n = sum(self.counts.values())
             out[metric] = sum(self.sums[f"{metric}_{k}"] for k in self.counts) / max(n, 1)
+        n = sum(self.counts.values())
+        out.update({f"psnr_maps_{k}": total / n for k, total in sorted(self.psnr_by_maps.items())})
         return {**out, **code_statistics(self.histogram), "clips": dict(self.counts)}
 
 
-def grid_tokens(h: int, w: int) -> int:
-    """Sequence tokens of one h x w frame in the sequence format (rows + eol each, then eof; DESIGN §2)."""
+def grid_tokens(h: int, w: int, map_shapes: list[tuple[int, int]] = ()) -> int:
+    """Sequence tokens of one h x w frame in the sequence format (rows + eol each, then eof; DESIGN §2), or, for
+    the scale kind, of its maps (a marker before each, then eof)."""
+    if map_shapes:
+        return sum(a * b + 1 for a, b in map_shapes) + 1
     return h * (w + 1) + 1
 
 
@@ -103,12 +119,12 @@ def evaluate_shards(tokenizer: VisualTokenizer, raw_dirs: list[str | Path], geom
         nonlocal image_codes, image_tokens, video_codes
         pixels = torch.stack(pending[key])
         codes, _ = acc.add(tokenizer, pixels, "image" if key[0] == 1 else "video")
-        t, h, w = codes.shape[1:]
+        h, w = (codes[-1] if tokenizer.scale_maps else codes).shape[-2:]
         if key[0] == 1:
-            image_codes += len(pixels) * h * w
-            image_tokens += len(pixels) * grid_tokens(h, w)
+            image_codes += tokenizer.flat_codes(codes).numel()
+            image_tokens += len(pixels) * grid_tokens(h, w, tokenizer.map_shapes(h, w) if tokenizer.scale_maps else ())
         else:
-            video_codes += len(pixels) * t * h * w
+            video_codes += tokenizer.flat_codes(codes).numel()
         pending[key].clear()
 
     for where, segments in iter_documents(raw_dirs, skipped):

@@ -124,9 +124,10 @@ class CodebookKeeper:
         self.ema_sum = tokenizer.codebook.detach().float().cpu().clone()
         self.restarted = 0
 
-    def update(self, step: int, codes: torch.Tensor, latents: torch.Tensor) -> None:
-        k, c = self.tok.codebook_size, latents.shape[2]
-        codes, flat = codes.flatten().cpu(), latents.permute(0, 1, 3, 4, 2).reshape(-1, c).float().cpu()
+    def update(self, step: int, codes: torch.Tensor, vectors: torch.Tensor) -> None:
+        """codes (N,) of this step and the vectors (N, C) they were fit to: latents, or the scale kind's residuals."""
+        k, c = self.tok.codebook_size, vectors.shape[1]
+        codes, flat = codes.flatten().cpu(), vectors.float().cpu()
         counts = torch.bincount(codes, minlength=k)
         sums = torch.zeros(k, c).index_add_(0, codes, flat) if self.cfg.codebook.update == "ema" else None
         if dist.is_initialized():
@@ -154,7 +155,7 @@ class CodebookKeeper:
 
     @torch.no_grad()
     def restart_dead(self, step: int, flat: torch.Tensor) -> None:
-        """Codes unused since the last restart move to random latents of rank 0's current batch."""
+        """Codes unused since the last restart move to random vectors of rank 0's current batch."""
         dead = (self.since_restart == 0).nonzero().flatten()
         if not len(dead):
             return
@@ -360,7 +361,7 @@ def train_vq(cfg: VQConfig, log=print) -> dict:
         loss.backward()
         optimizer.step()
         tok.project_codebook()
-        keeper.update(step, stats["codes"], stats["latents"])
+        keeper.update(step, stats["codes"], stats["vectors"])
         if step % cfg.logging.interval == 0 or step == last:
             record = progress_record(stats, keeper, world_size)
             logger.log(step, record)

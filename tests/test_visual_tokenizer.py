@@ -132,7 +132,7 @@ def test_training_lowers_loss_and_restarts_dead_codes(world):
         tok.project_codebook()
         _, stats = tok.training_loss(pixels, 0.25)
     used_before = stats["codes"].unique().numel()
-    keeper.update(cfg.codebook.restart_dead_every, stats["codes"], stats["latents"])
+    keeper.update(cfg.codebook.restart_dead_every, stats["codes"], stats["vectors"])
     assert keeper.restarted == 64 - used_before >= 56
     assert torch.allclose(tok.codebook.norm(dim=1), torch.ones(64))          # l2 codes stay on the sphere
     with torch.no_grad():
