@@ -168,6 +168,9 @@ class Generator:
         model, cfg, shared = load_model(ckpt)
         data_dir, vocab = data_vocabulary(cfg, data)
         vocabulary = Vocabulary.from_dict(vocab["layout"])
+        if vocabulary.visual_kind == "scale":
+            raise ValueError(f"{ckpt}: trained on next-scale maps (visual_kind 'scale'); Loom samples raster "
+                             f"sequences only (scale-wise sampling is not built yet)")
         vq_dir = locate_visual_tokenizer(vocab, data_dir, vocabulary, shared, visual_tokenizer)
         gen = cls(model.to(device, dtype), load_text_tokenizer(stored_text_tokenizer(data_dir)), vocabulary,
                   load_visual_tokenizer(vq_dir).to(device), vocab.get("image_size", 32))

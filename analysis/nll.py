@@ -55,7 +55,7 @@ def evaluate_nll(ckpt: str | Path, data: list[str | Path], max_tokens: int = 100
     positions = 0
     while positions < max_tokens:
         for mb in loader.next_step():
-            logits = model(mb["tokens"], mb["positions"], mb["doc_ids"])
+            logits = model(mb["tokens"], mb["positions"], mb["doc_ids"], horizon=mb["horizon"])
             sums += lm_loss(logits, mb["targets"], mb["loss_kind"], 0.0)[1]
             positions += mb["tokens"].numel()
     tokens = {name: int(sums[1, kind]) for kind, name in LOSS_KIND_NAMES.items() if sums[1, kind] > 0}

@@ -22,6 +22,10 @@ a stream depends on D, the micro-batch size or the other parallel sizes: any lay
 same global batches, and the position of all streams (`state_dict()`, gathered from every rank
 at a checkpoint) resumes under any data-parallel size.
 
+A document of a scale-kind vocabulary is read in its next-scale training form (data_pipeline/next_scale.py):
+a row then also carries each position's input where it differs from the previous token, and `horizon`, the
+last position each position sees (past itself inside a block of codes predicted together).
+
 Caption dropout (`caption_dropout` = p, for classifier-free guidance): document g of a source that holds
 exactly one image or video after some text (an image-text or video-text pair) is trained without that text
 (BOS, then the image or video) with probability p, drawn from (seed, source name, g): the same documents
@@ -41,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .next_scale import NextScaleLayout
 from .shards import ShardError, list_shards, npy_load, read_json
 from .token_index import build_index, index_fits, load_index, read_document, save_index
 from .vocab import IGNORE, IMAGE, TEXT, VIDEO, VISUAL_STRUCTURE, Vocabulary
@@ -109,6 +114,7 @@ class SourceReader:
     def __init__(self, source: Source, vocabulary: Vocabulary, seed: int, caption_dropout: float = 0.0):
         self.source, self.vocabulary, self.seed, self.caption_dropout = source, vocabulary, seed, caption_dropout
         self._media_starts = [vocabulary.special("<|image start|>"), vocabulary.special("<|video start|>")]
+        self.next_scale = NextScaleLayout(vocabulary) if vocabulary.visual_kind == "scale" else None
         self._open: OrderedDict[int, tuple[np.ndarray, object]] = OrderedDict()
         self._built: dict[int, np.ndarray] = {}  # indexes built here that could not be saved beside their shard
         self._warned_unindexed = False
@@ -178,8 +184,10 @@ class SourceReader:
         shard = int(self._order[j])
         return shard, k - int(self._starts[j])
 
-    def read(self, g: int) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens, loss kinds) of document g; raises ValueError/ShardError for a bad sample."""
+    def read(self, g: int) -> tuple[np.ndarray, ...]:
+        """(tokens, loss kinds, inputs, reach) of document g (inputs: each position's input id; reach: how many
+        positions past itself it sees; the tokens and 0 but for next-scale blocks); raises ValueError/ShardError
+        for a bad sample."""
         shard, i = self._locate(g)
         path = self.source.shards[shard]
         try:
@@ -196,15 +204,19 @@ class SourceReader:
             spans = json.loads(sample["spans.json"])
             if tokens.ndim != 1 or len(tokens) < 2 or tokens.min() < 0 or tokens.max() >= self.vocabulary.size:
                 raise ValueError(f"tokens.npy must be 1-D ids in [0, {self.vocabulary.size}) with >= 2 tokens")
-            return tokens, loss_kinds(tokens, spans, self.vocabulary)
+            kinds = loss_kinds(tokens, spans, self.vocabulary)
+            if self.next_scale is not None:
+                return self.next_scale.rewrite(tokens, kinds)
+            return tokens, kinds, tokens, np.zeros(len(tokens), np.int64)
         except (KeyError, ValueError, TypeError, OSError) as e:
             raise ValueError(f"{where}: {e}") from None
 
-    def without_caption(self, g: int, tokens: np.ndarray, kinds: np.ndarray) -> tuple | None:
-        """Document g without the text before its image or video, when it is a pair and caption dropout draws it;
-        else None."""
+    def without_caption(self, g: int, document: tuple[np.ndarray, ...]) -> tuple | None:
+        """Document g (the arrays of `read`) without the text before its image or video, when it is a pair and
+        caption dropout draws it; else None."""
         if not self.caption_dropout:
             return None
+        tokens = document[0]
         starts = np.flatnonzero(np.isin(tokens, self._media_starts))
         if len(starts) != 1 or starts[0] <= 1:
             return None
@@ -212,7 +224,7 @@ class SourceReader:
         if draw.random() >= self.caption_dropout:
             return None
         keep = np.r_[0, starts[0]:len(tokens)]  # BOS, then the image or video and what follows it
-        return tokens[keep], kinds[keep]
+        return tuple(a[keep] for a in document)
 
 
 class PackingStream:
@@ -226,18 +238,23 @@ class PackingStream:
         self.tokens = {r.source.name: 0 for r in readers}  # tokens taken from each source
         self.skipped: Counter = Counter()
         self.captions_dropped = 0
-        self.pending = (np.zeros(0, np.int64), np.zeros(0, np.int8))
+        self.pending = (np.zeros(0, np.int64), np.zeros(0, np.int8), np.zeros(0, np.int64), np.zeros(0, np.int64))
         if state is not None:
             self.next_doc.update(state["next_doc"])
             self.tokens.update(state["tokens"])
             self.skipped.update(state["skipped"])
             self.captions_dropped = state.get("captions_dropped", 0)
-            self.pending = (np.array(state["pending_tokens"], np.int64), np.array(state["pending_kinds"], np.int8))
+            tokens = np.array(state["pending_tokens"], np.int64)
+            # states saved before next-scale rows: the inputs are the tokens, no position sees past itself
+            self.pending = (tokens, np.array(state["pending_kinds"], np.int8),
+                            np.array(state.get("pending_inputs", tokens), np.int64),
+                            np.array(state.get("pending_reach", np.zeros(len(tokens))), np.int64))
 
     def state(self) -> dict:
+        tokens, kinds, inputs, reach = (a.tolist() for a in self.pending)
         return {"tokens": dict(self.tokens), "next_doc": dict(self.next_doc), "skipped": dict(self.skipped),
-                "captions_dropped": self.captions_dropped,
-                "pending_tokens": self.pending[0].tolist(), "pending_kinds": self.pending[1].tolist()}
+                "captions_dropped": self.captions_dropped, "pending_tokens": tokens, "pending_kinds": kinds,
+                "pending_inputs": inputs, "pending_reach": reach}
 
     def _next_source(self) -> SourceReader:
         """The reader whose source is furthest below its share: least tokens / weight."""
@@ -245,7 +262,7 @@ class PackingStream:
                   if w > 0]
         return self.readers[min(shares)[1]]
 
-    def _next_document(self) -> tuple[np.ndarray, np.ndarray]:
+    def _next_document(self) -> tuple[np.ndarray, ...]:
         reader = self._next_source()
         name = reader.source.name
         for _ in range(MAX_CONSECUTIVE_BAD):
@@ -253,7 +270,7 @@ class PackingStream:
             self.next_doc[name] += 1
             try:
                 document = reader.read(g)
-                dropped = reader.without_caption(g, *document)
+                dropped = reader.without_caption(g, document)
                 if dropped is not None:
                     document = dropped
                     self.captions_dropped += 1
@@ -270,23 +287,26 @@ class PackingStream:
             if len(self.pending[0]) == 0:
                 self.pending = self._next_document()
             take = min(self.row_len - filled, len(self.pending[0]))
-            pieces.append((self.pending[0][:take], self.pending[1][:take]))
+            pieces.append(tuple(a[:take] for a in self.pending))
             filled += take
             # the row's last token is also the next row's first input, so it stays pending
             keep = take - 1 if filled == self.row_len else take
-            self.pending = (self.pending[0][keep:], self.pending[1][keep:])
+            self.pending = tuple(a[keep:] for a in self.pending)
         return pack_row(pieces)
 
 
-def pack_row(pieces: list[tuple[np.ndarray, np.ndarray]]) -> dict:
-    """Inputs and targets of one row of seq_len + 1 tokens; each piece is (part of) one document."""
-    tokens = np.concatenate([t for t, _ in pieces])
-    kinds = np.concatenate([k for _, k in pieces])
-    segment = np.concatenate([np.full(len(t), i) for i, (t, _) in enumerate(pieces)])
-    positions = np.concatenate([np.arange(len(t)) for t, _ in pieces])
+def pack_row(pieces: list[tuple[np.ndarray, ...]]) -> dict:
+    """Inputs and targets of one row of seq_len + 1 tokens; each piece is (part of) one document, as the arrays
+    (tokens, kinds, inputs, reach) of `SourceReader.read`."""
+    tokens, kinds, inputs, reach = (np.concatenate([p[i] for p in pieces]) for i in range(4))
+    segment = np.concatenate([np.full(len(p[0]), i) for i, p in enumerate(pieces)])
+    positions = np.concatenate([np.arange(len(p[0])) for p in pieces])
     same_doc = segment[1:] == segment[:-1]
-    return {"tokens": tokens[:-1], "targets": tokens[1:], "doc_ids": segment[:-1].astype(np.int64),
-            "positions": positions[:-1].astype(np.int64),
+    at = np.arange(len(tokens) - 1)
+    # a block cut by the row's end is seen up to the row's last input (its rest continues the next row)
+    horizon = at + np.minimum(reach[:-1], at[-1] - at)
+    return {"tokens": inputs[:-1], "targets": tokens[1:], "doc_ids": segment[:-1].astype(np.int64),
+            "positions": positions[:-1].astype(np.int64), "horizon": horizon.astype(np.int64),
             "loss_kind": np.where(same_doc, kinds[1:], IGNORE).astype(np.int64)}
 
 

@@ -239,9 +239,11 @@ class VisualTokenizer(torch.nn.Module):
         return self.decode_quantized(quant, image).clamp(-1, 1)
 
     def _numpy(self, codes, index):
+        """`codes[index]` (of each map) as numpy."""
         return [c[index].cpu().numpy() for c in codes] if self.scale_maps else codes[index].cpu().numpy()
 
     def _tensor(self, codes, index):
+        """numpy codes (of each map) as long tensors on the codebook's device, indexed by `index` (adds batch axes)."""
         as_long = lambda c: torch.as_tensor(c, dtype=torch.long, device=self.device)[index]  # noqa: E731
         return [as_long(c) for c in codes] if self.scale_maps else as_long(codes)
 

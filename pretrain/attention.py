@@ -1,6 +1,9 @@
 """Attention over packed documents: the document-causal mask, and the kernel that takes it.
 
-A token sees the earlier tokens of its own document, a contiguous run of equal doc ids in a row.
+A token sees the earlier tokens of its own document, a contiguous run of equal doc ids in a row. A row may
+also carry `horizon` (b, L): the last position each query sees in its document (itself, or further for the
+block-causal positions of next-scale prediction, where every position of a block sees the whole block;
+data_pipeline/next_scale.py). Without it, or where it equals the position, the mask is causal.
 - A batch whose rows hold one document each needs no mask: SDPA's causal path (flash kernels).
 - 'flex': FlexAttention with a `BlockMask` built from the doc ids. Blocks of 128 x 128 (query, key)
   positions that no query may see are skipped, blocks inside one document before the diagonal run
@@ -52,15 +55,28 @@ def single_document_rows(doc_ids: torch.Tensor) -> bool:
     return not bool((doc_ids != doc_ids[:, :1]).any())
 
 
-def dense_document_mask(doc_ids: torch.Tensor, first_query: int = 0, queries: int | None = None) -> torch.Tensor:
+def causal_horizon(horizon: torch.Tensor | None) -> bool:
+    """Whether a row's horizon (b, L) is plain causal attention: every position sees up to itself."""
+    return horizon is None or bool((horizon == torch.arange(horizon.shape[1], device=horizon.device)).all())
+
+
+def query_horizon(doc_ids: torch.Tensor, horizon: torch.Tensor | None, first_query: int, end: int) -> torch.Tensor:
+    """The last key position (b, s) each query at positions first_query..end sees."""
+    if horizon is None:
+        return torch.arange(first_query, end, device=doc_ids.device).expand(doc_ids.shape[0], -1)
+    return horizon[:, first_query:end]
+
+
+def dense_document_mask(doc_ids: torch.Tensor, first_query: int = 0, queries: int | None = None,
+                        horizon: torch.Tensor | None = None) -> torch.Tensor:
     """doc_ids (b, L) -> bool (b, 1, s, L) for the s queries at positions first_query.. (default: to the end): query
-    i (position first_query + i) sees key j iff same document and j <= first_query + i."""
+    i (position first_query + i) sees key j iff same document and j <= its horizon (first_query + i if none)."""
     length = doc_ids.shape[1]
     end = length if queries is None else first_query + queries
-    query_pos = torch.arange(first_query, end, device=doc_ids.device)
-    causal = query_pos[:, None] >= torch.arange(length, device=doc_ids.device)[None, :]     # (s, L)
+    last = query_horizon(doc_ids, horizon, first_query, end)                               # (b, s)
+    visible = last[:, :, None] >= torch.arange(length, device=doc_ids.device)[None, None, :]   # (b, s, L)
     same_doc = doc_ids[:, first_query:end, None] == doc_ids[:, None, :]                    # (b, s, L)
-    return (same_doc & causal)[:, None]
+    return (same_doc & visible)[:, None]
 
 
 def _block_spans(length: int, first: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,13 +92,14 @@ def _kv_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts, indices
 
 
-def document_block_mask(doc_ids: torch.Tensor, first_query: int = 0, queries: int | None = None) -> BlockMask:
-    """doc_ids (b, L) -> the BlockMask of `dense_document_mask(doc_ids, first_query, queries)`, built from per-block
-    summaries.
+def document_block_mask(doc_ids: torch.Tensor, first_query: int = 0, queries: int | None = None,
+                        horizon: torch.Tensor | None = None) -> BlockMask:
+    """doc_ids (b, L) -> the BlockMask of `dense_document_mask(doc_ids, first_query, queries, horizon)`, built from
+    per-block summaries.
 
     Work and memory: O(b L + b (L/128)^2). A block pair is computed when a document appears in both blocks and
-    some key precedes some query; it runs without mask_mod ("full") when both blocks lie inside one document and
-    every key precedes every query.
+    some key is within some query's horizon; it runs without mask_mod ("full") when both blocks lie inside one
+    document and every key is within every query's horizon.
     """
     runs = document_runs(doc_ids)                                       # (b, L), non-decreasing
     length = doc_ids.shape[1]
@@ -91,31 +108,39 @@ def document_block_mask(doc_ids: torch.Tensor, first_query: int = 0, queries: in
     k_lo, k_hi = _block_spans(length, 0, doc_ids.device)                # (nk,)
     q_first, q_last = runs[:, q_lo][:, :, None], runs[:, q_hi][:, :, None]   # (b, nq, 1)
     k_first, k_last = runs[:, k_lo][:, None, :], runs[:, k_hi][:, None, :]   # (b, 1, nk)
+    last = query_horizon(doc_ids, horizon, first_query, first_query + queries)  # (b, queries)
+    padded = F.pad(last, (0, -queries % BLOCK), value=-1).unflatten(1, (-1, BLOCK))
+    h_max = padded.amax(-1)[:, :, None]                                 # (b, nq, 1): the furthest any query sees
+    h_min = padded.masked_fill(padded < 0, length).amin(-1)[:, :, None]  # the nearest horizon of a query
     shares_document = torch.maximum(q_first, k_first) <= torch.minimum(q_last, k_last)
-    some_key_first = (k_lo[None, :] <= q_hi[:, None])[None]
+    some_key_visible = k_lo[None, None, :] <= h_max
     one_document = (q_first == q_last) & (k_first == k_last) & (q_first == k_first)
     whole_blocks = ((q_hi - q_lo + 1 == BLOCK)[:, None] & (k_hi - k_lo + 1 == BLOCK)[None, :])[None]
-    every_key_first = (k_hi[None, :] <= q_lo[:, None])[None]
-    full = one_document & every_key_first & whole_blocks
-    partial = shares_document & some_key_first & ~full
+    every_key_visible = k_hi[None, None, :] <= h_min
+    full = one_document & every_key_visible & whole_blocks
+    partial = shares_document & some_key_visible & ~full
 
     def same_document_causal(b, h, q, kv):
-        return (runs[b, q + first_query] == runs[b, kv]) & (q + first_query >= kv)
+        return (runs[b, q + first_query] == runs[b, kv]) & (last[b, q] >= kv)
 
     return BlockMask.from_kv_blocks(*_kv_blocks(partial[:, None]), *_kv_blocks(full[:, None]), BLOCK_SIZE=BLOCK,
                                     mask_mod=same_document_causal, seq_lengths=(queries, length))
 
 
-def document_mask(doc_ids: torch.Tensor, kernel: str, first_query: int = 0, queries: int | None = None):
+def document_mask(doc_ids: torch.Tensor, kernel: str, first_query: int = 0, queries: int | None = None,
+                  horizon: torch.Tensor | None = None):
     """The mask `attend` takes for the queries at positions first_query.. (all to the end, or `queries` of them:
-    a context-parallel rank's part of the row) over all keys of rows `doc_ids` (b, L): None (causal: one document
-    per row, every query), a BlockMask (flex) or a dense bool tensor (sdpa)."""
+    a context-parallel rank's part of the row) over all keys of rows `doc_ids` (b, L), with the rows' `horizon`
+    (b, L) if any: None (causal: one document per row, every query), a BlockMask (flex) or a dense bool tensor
+    (sdpa)."""
+    if causal_horizon(horizon):
+        horizon = None
     every_query = first_query == 0 and queries in (None, doc_ids.shape[1])
-    if every_query and single_document_rows(doc_ids):
+    if every_query and horizon is None and single_document_rows(doc_ids):
         return None
     if kernel == "flex":
-        return document_block_mask(doc_ids, first_query, queries)
-    return dense_document_mask(doc_ids, first_query, queries)
+        return document_block_mask(doc_ids, first_query, queries, horizon)
+    return dense_document_mask(doc_ids, first_query, queries, horizon)
 
 
 @functools.cache

@@ -301,13 +301,14 @@ class Head(nn.Module):
         return logits.masked_fill(self.padding, float("-inf")) if self.has_padding else logits
 
 
-def attention_inputs(positions: torch.Tensor, doc_ids: torch.Tensor, cfg: ModelConfig, first_query: int = 0):
+def attention_inputs(positions: torch.Tensor, doc_ids: torch.Tensor, cfg: ModelConfig, first_query: int = 0,
+                     horizon: torch.Tensor | None = None):
     """RoPE tables of the queries' positions (b, s) and their document-causal mask over the keys of rows doc_ids
-    (b, L), for the kernel cfg.attention means here. Under context parallelism s < L: the queries are positions
-    first_query .. first_query + s of the row."""
+    (b, L) (block-causal where the rows' horizon (b, L) reaches past a position), for the kernel cfg.attention
+    means here. Under context parallelism s < L: the queries are positions first_query .. first_query + s."""
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     kernel = kernel_for(cfg.attention, doc_ids.device)
-    return cos, sin, document_mask(doc_ids, kernel, first_query, positions.shape[1])
+    return cos, sin, document_mask(doc_ids, kernel, first_query, positions.shape[1], horizon)
 
 
 class Transformer(nn.Module):
@@ -319,18 +320,19 @@ class Transformer(nn.Module):
         self.head = Head(cfg, tp, seed)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """tokens, positions, doc_ids (b, s) -> logits of the local vocabulary shard (s, b, v).
+                cache: KVCache | None = None, horizon: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, positions, doc_ids (b, s) -> logits of the local vocabulary shard (s, b, v); horizon (b, s), if
+        given, is the last position each position sees (the loader's, for next-scale blocks).
 
         Under context parallelism tokens and positions are this rank's part of each row (b, s/cp), the part at
-        its rank in the group, and doc_ids the whole rows (b, s).
+        its rank in the group, and doc_ids and horizon the whole rows (b, s).
 
         With a cache, the tokens continue the cached ones and attend to them too, and only the last
         position's logits are computed (1, b, v): a long prompt's would not fit with a large vocabulary."""
         x = self.embed(tokens)
         if cache is None:
             first = 0 if self.context_group is None else dist.get_rank(self.context_group) * tokens.shape[1]
-            cos, sin, mask = attention_inputs(positions, doc_ids, self.cfg, first)
+            cos, sin, mask = attention_inputs(positions, doc_ids, self.cfg, first, horizon)
         else:
             cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
             mask = cache.extend(doc_ids, kernel_for(self.cfg.attention, doc_ids.device))

@@ -1,7 +1,7 @@
 """The DeepSpeed pipeline adapter (PP > 1): the model's layers as a `PipelineModule` of LayerSpecs.
 
-Between stages the activation is the tuple (hidden (s, b, d), positions (b, s), doc_ids (b, s));
-a stage builds its RoPE tables and document-causal mask from the last two, once per micro-batch
+Between stages the activation is the tuple (hidden (s, b, d), positions, doc_ids, horizon (b, s) each);
+a stage builds its RoPE tables and document-causal mask from the last three, once per micro-batch
 (its blocks receive the same tensors), so a stage needs no state from another. Layer i is built
 from seed (seed, i) as in `Transformer`, so a pipeline starts from the same weights as one process.
 """
@@ -17,8 +17,8 @@ from .model import Block, Embedding, Head, attention_inputs
 
 class EmbeddingPipe(Embedding):
     def forward(self, inputs):
-        tokens, positions, doc_ids = inputs
-        return super().forward(tokens), positions, doc_ids
+        tokens, *rows = inputs                                             # positions, doc_ids, horizon
+        return super().forward(tokens), *rows
 
 
 class StageAttentionInputs:
@@ -29,9 +29,10 @@ class StageAttentionInputs:
     def __init__(self, cfg):
         self.cfg, self.key, self.value = cfg, None, None
 
-    def __call__(self, positions, doc_ids):
-        if self.key is None or self.key[0] is not positions or self.key[1] is not doc_ids:
-            self.key, self.value = (positions, doc_ids), attention_inputs(positions, doc_ids, self.cfg)
+    def __call__(self, positions, doc_ids, horizon):
+        key = (positions, doc_ids, horizon)
+        if self.key is None or any(a is not b for a, b in zip(self.key, key)):
+            self.key, self.value = key, attention_inputs(positions, doc_ids, self.cfg, horizon=horizon)
         return self.value
 
 
@@ -41,8 +42,8 @@ class BlockPipe(Block):
         self.stage_inputs = stage_inputs
 
     def forward(self, inputs):
-        x, positions, doc_ids = inputs
-        return super().forward(x, *self.stage_inputs(positions, doc_ids)), positions, doc_ids
+        x, *rows = inputs                                                  # positions, doc_ids, horizon
+        return super().forward(x, *self.stage_inputs(*rows)), *rows
 
 
 class HeadPipe(Head):

@@ -42,12 +42,22 @@ class PipelineLoss:
 
 def context_part(mb: dict, layout) -> dict:
     """This context-parallel rank's part of every row of a micro-batch: the cp_rank-th of cp equal parts of the
-    tokens, targets, positions and loss kinds; doc_ids stay whole (the keys of the whole row are attended to)."""
+    tokens, targets, positions and loss kinds; doc_ids and horizon stay whole (the keys of the whole row are
+    attended to)."""
     if layout.cp == 1:
         return mb
     part = mb["tokens"].shape[1] // layout.cp
     cut = slice(layout.cp_rank * part, (layout.cp_rank + 1) * part)
-    return {k: v if k == "doc_ids" else v[:, cut] for k, v in mb.items()}
+    return {k: v if k in ("doc_ids", "horizon") else v[:, cut] for k, v in mb.items()}
+
+
+def horizon_of(mb: dict) -> torch.Tensor:
+    """The micro-batch's horizon (b, s): the loader's, or plain causal (each position sees up to itself) for
+    batches made without one (benchmarks)."""
+    if "horizon" in mb:
+        return mb["horizon"]
+    doc_ids = mb["doc_ids"]
+    return torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids).contiguous()
 
 
 def data_group():
@@ -95,8 +105,8 @@ def forward_backward(engine, micro: list[dict], z_loss: float, layout, pipeline_
     if pipeline_loss is not None:
         pipeline_loss.normalizer, pipeline_loss.kind_weights = normalizer, kind_weights
         pipeline_loss.sums, pipeline_loss.on_loss = None, on_loss
-        batches = iter([((mb["tokens"], mb["positions"], mb["doc_ids"]), (mb["targets"], mb["loss_kind"]))
-                        for mb in micro])
+        batches = iter([((mb["tokens"], mb["positions"], mb["doc_ids"], horizon_of(mb)),
+                         (mb["targets"], mb["loss_kind"])) for mb in micro])
         if train:
             engine.train_batch(data_iter=batches)
         else:
@@ -108,7 +118,7 @@ def forward_backward(engine, micro: list[dict], z_loss: float, layout, pipeline_
     sums = torch.zeros(2, NUM_KINDS, device=layout.device)
     for mb in micro:
         with torch.set_grad_enabled(train):
-            logits = engine(mb["tokens"], mb["positions"], mb["doc_ids"])
+            logits = engine(mb["tokens"], mb["positions"], mb["doc_ids"], horizon=horizon_of(mb))
             loss, batch_sums = lm_loss(logits, mb["targets"], mb["loss_kind"], z_loss, normalizer,
                                        kind_weights=kind_weights)
         if on_loss is not None:

@@ -36,10 +36,9 @@ def open_sources(cfg: TrainConfig):
     sources = [Source.open(name, s.path, s.weight) for name, s in cfg.data.sources.items()]
     eval_sources = [Source.open(name, s.path, s.weight) for name, s in cfg.eval.sources.items()]
     fingerprint, layout = read_manifest_fingerprints(sources + eval_sources)
-    if layout.visual_kind == "scale":
-        raise ConfigError(f"data {sources[0].path}: its images are maps of a multi-scale residual VQ (visual_kind "
-                          f"'scale'), which need next-scale training (block-causal attention over the maps); Loom "
-                          f"does not train those yet. Tokenize with a token-kind VQ (model.scale_maps empty)")
+    if layout.visual_kind == "scale" and cfg.samples.interval:
+        raise ConfigError(f"samples.interval={cfg.samples.interval}: the data's images are next-scale maps "
+                          f"(visual_kind 'scale'), and Loom does not sample those yet; set samples.interval=0")
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = layout.size
     elif cfg.model.vocab_size != layout.size:

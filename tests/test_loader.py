@@ -19,7 +19,7 @@ def global_rows(loaders, steps):
     """Per step: the rows of every data-parallel rank, concatenated in rank order."""
     out = []
     for _ in range(steps):
-        rows = {k: [] for k in ("tokens", "targets", "doc_ids", "positions", "loss_kind")}
+        rows = {k: [] for k in ("tokens", "targets", "doc_ids", "positions", "horizon", "loss_kind")}
         for loader in loaders:
             for mb in loader.next_step():
                 for k in rows:
@@ -118,11 +118,12 @@ def test_caption_dropout_is_decided_per_document_under_every_layout_and_resume(s
     media = [vocabulary.special("<|image start|>"), vocabulary.special("<|video start|>")]
     pairs = dropped = 0
     for g in range(10_000):
-        tokens, kinds = plain.read(g)
+        document = plain.read(g)
+        tokens, kinds = document[:2]
         starts = np.flatnonzero(np.isin(tokens, media))
         is_pair = len(starts) == 1 and starts[0] > 1
         pairs += is_pair
-        cut = reader.without_caption(g, tokens, kinds)
+        cut = reader.without_caption(g, document)
         if cut is not None:
             assert is_pair
             dropped += 1

@@ -1,0 +1,156 @@
+"""Next-scale training (data_pipeline/next_scale.py): the rewritten document and its block-causal mask against
+references built by hand, the block mask against torch's, no leak from a map into its own or coarser blocks'
+logits, and training that matches one process under TP x PP and context parallelism."""
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_block_mask
+
+from data_pipeline.loader import pack_row
+from data_pipeline.next_scale import NextScaleLayout
+from data_pipeline.vocab import IGNORE, IMAGE, SCALE_MARKER, TEXT, VISUAL_STRUCTURE, Vocabulary
+from pretrain.attention import dense_document_mask, document_block_mask, document_runs
+
+L = Vocabulary.for_text(100, 64, visual_kind="scale", scale_maps=(1, 2))
+M, EOF, V = L.special(SCALE_MARKER), L.special("<|eof|>"), L.visual_offset
+
+
+def document(codes_1x1: int, codes_2x2: list[int]):
+    """BOS, two text ids, an image of maps 1x1 and 2x2 in the stored layout, one text id, EOS; and its loss kinds."""
+    start, token, end = L.special("<|image start|>"), L.special("<|image token|>"), L.special("<|image end|>")
+    tokens = [L.bos, 5, 6, start, 7, token, M, V + codes_1x1, M, *(V + c for c in codes_2x2), EOF, end, 8, L.eos]
+    kinds = [TEXT] * 3 + [VISUAL_STRUCTURE] * 4 + [IMAGE] + [VISUAL_STRUCTURE] + [IMAGE] * 4 + \
+        [VISUAL_STRUCTURE] * 2 + [TEXT] * 2
+    return np.array(tokens), np.array(kinds, dtype=np.int8)
+
+
+def test_the_training_form_and_its_mask_equal_references_built_by_hand():
+    tokens, kinds = document(9, [1, 2, 3, 4])
+    a, b = V + 9, [V + 1, V + 2, V + 3, V + 4]
+    row = pack_row([NextScaleLayout(L).rewrite(tokens, kinds)])
+    # the stored document with the view block (M, map 2 again) inserted before <|eof|>
+    assert row["targets"].tolist() == [*tokens[1:13].tolist(), M, *b, *tokens[13:].tolist()]
+    # position: 6 block 1 (its marker), 8-11 block 2 (map 1 upsampled), 12 the last code, 13-17 the view block
+    expected_inputs = tokens[:13].tolist()
+    expected_inputs[8:12] = [a] * 4
+    expected_inputs += [*b, b[-1]] + tokens[13:-1].tolist()
+    assert row["tokens"].tolist() == expected_inputs
+    loss = row["loss_kind"].tolist()
+    assert loss[6] == IMAGE and loss[8:12] == [IMAGE] * 4
+    assert loss[12:17] == [IGNORE] * 5 and loss[17] == VISUAL_STRUCTURE  # the view block's targets carry no loss
+    n = len(row["tokens"])
+    reference = torch.tensor([[j <= (11 if 8 <= i <= 11 else i) for j in range(n)] for i in range(n)])
+    mask = dense_document_mask(torch.as_tensor(row["doc_ids"])[None], horizon=torch.as_tensor(row["horizon"])[None])
+    assert torch.equal(mask[0, 0], reference)
+
+
+def test_a_block_cut_by_the_row_end_is_seen_up_to_the_rows_last_input():
+    tokens, kinds = document(9, [1, 2, 3, 4])
+    form = NextScaleLayout(L).rewrite(tokens, kinds)
+    row = pack_row([tuple(x[:11] for x in form)])  # the row's inputs end at position 9, inside block 2
+    assert row["horizon"].tolist() == [*range(8), 9, 9, 9][:10]
+
+
+def test_malformed_frames_name_the_position():
+    tokens, kinds = document(9, [1, 2, 3, 4])
+    with pytest.raises(ValueError, match=r"position 6: map sizes \[1, 3\]"):
+        NextScaleLayout(L).rewrite(np.delete(tokens, 10), np.delete(kinds, 10))
+    with pytest.raises(ValueError, match="ends with <|eof|>"):
+        NextScaleLayout(L).rewrite(tokens[:13], kinds[:13])
+
+
+@pytest.mark.parametrize("length,first_query,queries", [(300, 0, None), (1000, 250, 250), (700, 650, None)])
+def test_block_causal_block_mask_equals_torch_create_block_mask(length, first_query, queries):
+    """Blocks of 1..200 positions seeing themselves whole, in documents of random lengths (flex's block mask)."""
+    g = torch.Generator().manual_seed(length)
+    doc_ids = torch.repeat_interleave(torch.arange(length), torch.randint(1, 400, (length,), generator=g))[:length]
+    doc_ids = torch.stack([doc_ids, doc_ids.flip(0)])
+    horizon = torch.arange(length).repeat(2, 1)
+    for row in range(2):
+        at = 0
+        while at < length:
+            size = int(torch.randint(1, 200, (1,), generator=g))
+            end = min(at + size, length) - 1
+            if bool((doc_ids[row, at:end + 1] == doc_ids[row, at]).all()) and size % 3:
+                horizon[row, at:end + 1] = end
+            at = end + 1
+    ours = document_block_mask(doc_ids, first_query, queries, horizon)
+    runs = document_runs(doc_ids)
+    theirs = create_block_mask(lambda b, h, q, kv: (runs[b, q + first_query] == runs[b, kv])
+                               & (horizon[b, q + first_query] >= kv), 2, None, queries or length - first_query,
+                               length, device="cpu")
+    assert torch.equal(ours.to_dense(), theirs.to_dense())
+    assert torch.equal(ours.full_kv_num_blocks, theirs.full_kv_num_blocks)
+    dense = dense_document_mask(doc_ids, first_query, queries, horizon)
+    assert dense.sum() > dense_document_mask(doc_ids, first_query, queries).sum()
+
+
+def test_changing_a_map_leaves_the_logits_of_its_own_and_coarser_blocks_unchanged(groups):
+    """Map 2's codes are only targets of block 2 and inputs of later positions: the logits of blocks 1 and 2 (which
+    predict maps 1 and 2) do not move when map 2 changes; those after it do. Dense mask and flex's agree."""
+    from test_attention import build
+
+    layout = Vocabulary.for_text(100, 64, visual_kind="scale", scale_maps=(1, 2, 4))
+    rng = np.random.default_rng(0)
+    maps = [rng.integers(0, 64, n) for n in (1, 4, 16)]
+
+    def logits(maps, attention="sdpa"):
+        scale = [layout.special(SCALE_MARKER)]
+        tokens = [layout.bos, 5, 6] + [t for m in maps for t in scale + (m + layout.visual_offset).tolist()] + \
+            [layout.special("<|eof|>"), 8, layout.eos]
+        row = pack_row([NextScaleLayout(layout).rewrite(np.array(tokens), np.ones(len(tokens), np.int8))])
+        batch = {k: torch.as_tensor(v)[None] for k, v in row.items()}
+        model = build(attention).eval()
+        with torch.no_grad():
+            return model(batch["tokens"], batch["positions"], batch["doc_ids"], horizon=batch["horizon"])[:, 0]
+
+    before = logits(maps)
+    changed = logits([maps[0], (maps[1] + 1) % 64, maps[2]])
+    # positions 3 (block 1), 5-8 (block 2); map 2's last code is the input of position 9, after its block
+    same = torch.isclose(before, changed, rtol=0, atol=1e-6).all(-1)
+    assert same[:9].all() and not same[9:].any()
+    assert torch.allclose(logits(maps, "flex"), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def scale_tokens(world, tmp_path_factory):
+    """The world tokenized by a scale-kind VQ of random weights (maps 1, 2, 4 of its 4x4 grids): layouts are
+    compared on the same codes, whatever they are worth."""
+    from transformers.models.emu3.modeling_emu3 import Emu3VQVAE
+
+    from data_pipeline.tokenize_job import tokenize
+    from data_pipeline.visual_tokenizer import VisualTokenizer
+    from data_pipeline.vq_config import VQModelConfig
+
+    root = tmp_path_factory.mktemp("scale")
+    torch.manual_seed(0)
+    VisualTokenizer(Emu3VQVAE(VQModelConfig(codebook_size=64, scale_maps=[1, 2, 4]).hf_config())).save_pretrained(
+        root / "vq")
+    tokenize([world / "raw"], root / "tokens", world / "tok" / "text_tokenizer.model", root / "vq", 32, 8,
+             log=lambda *a: None)
+    return root / "tokens"
+
+
+@pytest.fixture(scope="module")
+def scale_reference(world, scale_tokens, tmp_path_factory):
+    from test_layouts import one_process
+
+    return one_process(world, tmp_path_factory.mktemp("scale_reference"), "scale",
+                       f"data.sources.shapes.path={scale_tokens}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2-pp2-zero1", "cp2-tp2-sequence-parallel-flex"])
+def test_next_scale_training_matches_one_process(layout, scale_reference, scale_tokens, world, tmp_path):
+    """Block-causal rows under TP x PP (the horizon travels between stages) and under context parallelism with
+    flex's block mask (each rank's queries see the whole row's blocks): the one-process run within the layout
+    tests' tolerance (tests/rounding.py)."""
+    from rounding import assert_same_run, tolerance
+    from test_layouts import LAYOUTS, train
+
+    records = train(world, tmp_path / layout, 4, *LAYOUTS[layout], f"data.sources.shapes.path={scale_tokens}")
+    ref = scale_reference
+    measured = assert_same_run(records, ref["records"], tolerance(ref["floor"], ref["records"]))
+    print(f"next-scale {layout}: drift {measured}; floor {ref['floor']}")
+    assert records[-1]["loss"]["total"] < records[0]["loss"]["total"] - 0.5
