@@ -14,7 +14,6 @@ guidance runs the prompt and a negative prompt as one batch and mixes their logi
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,71 +28,10 @@ from data_pipeline.vocab import Vocabulary
 from pretrain.model import KVCache, Transformer
 from pretrain.parallel import tensor_parallel_of
 from .nll import load_model
+from .sampling import Sampling, guide, left_pad, next_tokens
+from .scale_sampling import sample_maps
 
 VISUAL = -1  # a template slot where the model picks any visual code
-
-
-@dataclass
-class Sampling:
-    temperature: float = 1.0
-    """Softmax temperature; 0 samples greedily."""
-    top_k: int = 0
-    """Keep only the k most likely tokens (0: all)."""
-    top_p: float = 1.0
-    """Keep the smallest set of tokens whose probability reaches top_p (1: all)."""
-    cfg_scale: float = 1.0
-    """Classifier-free guidance for images and video: logits = uncond + scale * (cond - uncond); 1: off."""
-    negative_prompt: str = ""
-    """Text of the unconditional branch of guidance."""
-    max_new_tokens: int = 64
-    """Text continuation and captions stop here or at <|eos|>."""
-    seed: int = 0
-    """Seed of the sampling generator: the same seed gives the same samples."""
-
-
-def filter_logits(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
-    """(n, v) -> (n, v) with temperature applied and tokens outside top-k / top-p set to -inf."""
-    logits = logits / s.temperature
-    if s.top_k > 0:
-        kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if s.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens ranked above it already reach top_p (the first always stays)
-        drop_sorted = probs.cumsum(-1) - probs >= s.top_p
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    return logits
-
-
-def next_tokens(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> torch.Tensor:
-    """(n, v) logits -> (n,) token ids."""
-    if s.temperature == 0:
-        return logits.argmax(-1)
-    probs = filter_logits(logits.float(), s).softmax(-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).view(-1).to(logits.device)
-
-
-def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance, written as cond + (scale - 1)(cond - uncond) so that scale 1 gives
-    `cond` exactly; entries that are -inf in either branch (vocabulary padding) keep cond's value."""
-    finite = torch.isfinite(cond) & torch.isfinite(uncond)
-    return cond + (scale - 1.0) * torch.where(finite, cond - uncond, torch.zeros_like(cond))
-
-
-def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prompts of different lengths -> tokens, positions, doc_ids (b, L). Padding is document 1, the
-    prompt document 0, and positions count from each prompt's first real token."""
-    length = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), length), pad, dtype=torch.long)
-    positions = torch.zeros_like(tokens)
-    doc_ids = torch.ones_like(tokens)
-    for i, row in enumerate(rows):
-        start = length - len(row)
-        tokens[i, start:] = torch.tensor(row)
-        positions[i, start:] = torch.arange(len(row))
-        doc_ids[i, start:] = 0
-    return tokens.to(device), positions.to(device), doc_ids.to(device)
 
 
 @torch.no_grad()
@@ -168,9 +106,6 @@ class Generator:
         model, cfg, shared = load_model(ckpt)
         data_dir, vocab = data_vocabulary(cfg, data)
         vocabulary = Vocabulary.from_dict(vocab["layout"])
-        if vocabulary.visual_kind == "scale":
-            raise ValueError(f"{ckpt}: trained on next-scale maps (visual_kind 'scale'); Loom samples raster "
-                             f"sequences only (scale-wise sampling is not built yet)")
         vq_dir = locate_visual_tokenizer(vocab, data_dir, vocabulary, shared, visual_tokenizer)
         gen = cls(model.to(device, dtype), load_text_tokenizer(stored_text_tokenizer(data_dir)), vocabulary,
                   load_visual_tokenizer(vq_dir).to(device), vocab.get("image_size", 32))
@@ -215,13 +150,33 @@ class Generator:
         h, w = grid or self.default_grid
         return self._codes(prompts, s, 1, h, w, "<|image start|>", "<|image end|>", (h, w), use_cache)[:, 0]
 
+    def image_maps(self, prompts: list[str], s: Sampling, grid: tuple[int, int] | None = None,
+                   use_cache: bool = True) -> list[list[np.ndarray]]:
+        """Text-to-image maps of a next-scale model (visual_kind 'scale'), coarse to fine, per prompt: one forward
+        per map (analysis/scale_sampling.py)."""
+        h, w = grid or self.default_grid
+        if h != w:
+            raise ValueError(f"next-scale maps are square; got a {h}x{w} grid")
+        shape = (h, w)
+        cond = [self.visual_prompt(p, "<|image start|>", shape) for p in prompts]
+        uncond = ([self.visual_prompt(s.negative_prompt, "<|image start|>", shape)] * len(prompts)
+                  if s.cfg_scale != 1.0 else None)
+        return sample_maps(self.model, self.vocabulary, cond, h, self.visual_mask, s, uncond, use_cache)
+
     def images(self, prompts: list[str], s: Sampling, grid: tuple[int, int] | None = None) -> list[np.ndarray]:
         """Text-to-image: (8h, 8w, 3) uint8 pixels per prompt."""
+        if self.vocabulary.visual_kind == "scale":
+            return [self.visual.decode_image(maps) for maps in self.image_maps(prompts, s, grid)]
         return [self.visual.decode_image(c) for c in self.image_codes(prompts, s, grid)]
+
+    def refuse_scale_kind(self, what: str) -> None:
+        if self.vocabulary.visual_kind == "scale":
+            raise ValueError(f"{what} of a next-scale model (visual_kind 'scale') is not built yet; images are")
 
     def videos(self, prompts: list[str], s: Sampling, frames: int = 8,
                grid: tuple[int, int] | None = None) -> list[np.ndarray]:
         """Text-to-video: (frames, 8h, 8w, 3) uint8 per prompt; frames a multiple of the VQ's 4."""
+        self.refuse_scale_kind("video generation")
         if frames % self.visual.temporal:
             raise ValueError(f"frames must be a multiple of {self.visual.temporal}, got {frames}")
         t, (h, w) = frames // self.visual.temporal, grid or self.default_grid
@@ -234,6 +189,7 @@ class Generator:
 
     def caption(self, images: list[np.ndarray], s: Sampling, prompt: str = "") -> list[str]:
         """Image-to-text: the image's tokens (as the tokenize job writes them), then `prompt`, continued."""
+        self.refuse_scale_kind("captioning")
         rows, tail = [], self.text.encode(prompt) if prompt else []
         for rgb in images:
             if rgb.shape[:2] != (self.image_size, self.image_size):

@@ -13,13 +13,12 @@ import torch
 from checkpoints_utils.reader import read_checkpoint, resolve_checkpoint
 from common.checkpoint_folders import CheckpointError
 from data_pipeline.loader import Source, TokenLoader, read_manifest_fingerprints
-from data_pipeline.vocab import LOSS_KIND_NAMES
+from data_pipeline.vocab import NUM_LOSS_KINDS
 from pretrain.config import ParallelConfig, TrainConfig
 from pretrain.loss import lm_loss
-from pretrain.metrics import bits_per_token, losses_by_kind
+from pretrain.metrics import bits_per_token, counts_by_kind, losses_by_kind
 from pretrain.model import Transformer
 from pretrain.parallel import single_process_groups, tensor_parallel_of
-from pretrain.step import NUM_KINDS
 
 
 def load_model(ckpt: str | Path) -> tuple[Transformer, TrainConfig, dict]:
@@ -51,14 +50,14 @@ def evaluate_nll(ckpt: str | Path, data: list[str | Path], max_tokens: int = 100
                               f"{shared['fingerprint']}")
     loader = TokenLoader(sources, layout, seq_len=seq_len or cfg.data.seq_len, global_batch_size=batch_size,
                          micro_batch_size=batch_size, seed=0)
-    sums = torch.zeros(2, NUM_KINDS)
+    sums = torch.zeros(2, NUM_LOSS_KINDS)
     positions = 0
     while positions < max_tokens:
         for mb in loader.next_step():
             logits = model(mb["tokens"], mb["positions"], mb["doc_ids"], horizon=mb["horizon"])
             sums += lm_loss(logits, mb["targets"], mb["loss_kind"], 0.0)[1]
             positions += mb["tokens"].numel()
-    tokens = {name: int(sums[1, kind]) for kind, name in LOSS_KIND_NAMES.items() if sums[1, kind] > 0}
+    tokens = counts_by_kind(sums)
     losses = losses_by_kind(sums)
     return {"checkpoint": shared["checkpoint"], "step": shared["step"], "data": [str(d) for d in data],
             "positions": positions, "loss": losses,

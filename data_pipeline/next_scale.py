@@ -11,6 +11,8 @@ codes of map k are predicted at once from the coarser maps only:
 - **Attention**: every position of block k sees the whole block and everything before it (`reach`: how many
   positions past itself a position sees; the loader turns it into the row's `horizon`, pretrain/attention.py).
   The position after block k (input c_k's last code, target the next marker) is causal.
+- **Loss kinds**: an image code of map k is `image_map_k` (logged per map and together as `image`); video
+  codes stay `video`.
 - **The view block**: no input holds the finest map (block K's inputs are map K-1), so after c_K the rewrite
   inserts `M c_K` whose inputs are c_K itself and whose targets carry no loss: what follows the image (its
   <|eof|>, later text, the next video frame) sees the whole image.
@@ -26,7 +28,7 @@ import math
 
 import numpy as np
 
-from .vocab import IGNORE, SCALE_MARKER, Vocabulary
+from .vocab import IGNORE, IMAGE, IMAGE_MAP, MAX_SCALE_MAPS, SCALE_MARKER, Vocabulary
 
 
 def map_sides(scale_maps: tuple[int, ...], side: int) -> list[int]:
@@ -45,6 +47,8 @@ class NextScaleLayout:
 
     def __init__(self, vocabulary: Vocabulary):
         self.scale_maps = vocabulary.scale_maps
+        if len(self.scale_maps) > MAX_SCALE_MAPS:
+            raise ValueError(f"{len(self.scale_maps)} scale maps: at most {MAX_SCALE_MAPS} have a loss kind")
         self.marker = vocabulary.special(SCALE_MARKER)
         self.eof = vocabulary.special("<|eof|>")
         self.visual_offset = vocabulary.visual_offset
@@ -90,7 +94,9 @@ class NextScaleLayout:
             for k, codes in enumerate(maps):
                 n = len(codes)
                 block = [self.marker] * n if k == 0 else upsample_nearest(previous, sides[k - 1], sides[k])
-                put(tokens[at:at + n + 1], kinds[at:at + n + 1], np.r_[block, codes[-1]], np.r_[np.arange(n)[::-1], 0])
+                kind = kinds[at:at + n + 1]
+                put(tokens[at:at + n + 1], np.where(kind == IMAGE, IMAGE_MAP + k, kind), np.r_[block, codes[-1]],
+                    np.r_[np.arange(n)[::-1], 0])
                 at, previous = at + n + 1, codes
             view = np.r_[self.marker, maps[-1]]
             put(view, np.full(len(view), IGNORE), np.r_[maps[-1], maps[-1][-1]], np.zeros(len(view)))

@@ -38,7 +38,14 @@ SCALE_MARKER = "<|scale|>"  # before each token map of the scale kind (in place 
 
 # Loss kinds of a target token (the loader's `loss_kind`; 0 means no loss on that position).
 IGNORE, TEXT, IMAGE, VIDEO, VISUAL_STRUCTURE = 0, 1, 2, 3, 4
-LOSS_KIND_NAMES = {TEXT: "text", IMAGE: "image", VIDEO: "video", VISUAL_STRUCTURE: "visual_structure"}
+MAX_SCALE_MAPS = 16
+IMAGE_MAP = 5  # IMAGE_MAP + k: an image code of next-scale map k + 1 (data_pipeline/next_scale.py)
+LOSS_KIND_NAMES = {TEXT: "text", IMAGE: "image", VIDEO: "video", VISUAL_STRUCTURE: "visual_structure",
+                   **{IMAGE_MAP + k: f"image_map_{k + 1}" for k in range(MAX_SCALE_MAPS)}}
+NUM_LOSS_KINDS = len(LOSS_KIND_NAMES) + 1
+# the kinds a logged loss averages over: "image" is every image code, of one map or of any next-scale map
+LOSS_KIND_MEMBERS = {kind: (kind,) for kind in LOSS_KIND_NAMES} | {
+    IMAGE: (IMAGE, *(IMAGE_MAP + k for k in range(MAX_SCALE_MAPS)))}
 
 
 @dataclass(frozen=True)

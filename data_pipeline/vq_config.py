@@ -15,6 +15,7 @@ from common.config import ConfigError, build, doc, load_tree
 
 from .media import Geometry
 from .tokenize_config import TokenizeSource
+from .vocab import MAX_SCALE_MAPS
 
 
 @dataclass
@@ -135,6 +136,9 @@ def validate_vq(cfg: VQConfig, world_size: int = 1) -> None:
         if m.from_pretrained:
             raise ConfigError("model.scale_maps with model.from_pretrained: a pretrained tokenizer keeps its own "
                               "quantizer; leave model.scale_maps empty")
+        if len(maps) > MAX_SCALE_MAPS:
+            raise ConfigError(f"model.scale_maps has {len(maps)} maps; next-scale training logs at most "
+                              f"{MAX_SCALE_MAPS}")
         if any(b <= a for a, b in zip(maps, maps[1:])) or maps[0] < 1:
             raise ConfigError(f"model.scale_maps={maps}: give increasing sides from 1, e.g. [1, 2, 3, 4, 6, 8]")
         grid = d.geometry.size // d.geometry.multiple

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import ConfigError, build, doc, load_tree
-from data_pipeline.vocab import LOSS_KIND_NAMES
+from data_pipeline.vocab import LOSS_KIND_NAMES, MAX_SCALE_MAPS
 from .attention import ATTENTION_KERNELS
 
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -96,14 +96,17 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    weights: dict[str, float] = doc("Weight of each loss kind (text, image, video, visual_structure) in the "
-                                    "training loss, a weighted mean over the global batch; a kind not named "
-                                    "weighs 1. {text: 0}: the loss on visual tokens only (Emu3's text-to-image "
-                                    "fine-tuning). Logged losses stay unweighted per kind.", factory=dict)
+    weights: dict[str, float] = doc("Weight of each loss kind (text, image, video, visual_structure; "
+                                    "image_map_k for next-scale map k, by default image's) in the training loss, "
+                                    "a weighted mean over the global batch; a kind not named weighs 1. {text: 0}: "
+                                    "the loss on visual tokens only (Emu3's text-to-image fine-tuning). Logged "
+                                    "losses stay unweighted per kind.", factory=dict)
 
     def kind_weights(self) -> tuple[float, ...]:
         """Weight per loss-kind id (0: no loss), in data_pipeline.vocab's order."""
-        return (0.0, *(self.weights.get(name, 1.0) for name in LOSS_KIND_NAMES.values()))
+        image = self.weights.get("image", 1.0)
+        return (0.0, *(self.weights.get(name, image if name.startswith("image_map_") else 1.0)
+                       for name in LOSS_KIND_NAMES.values()))
 
 
 @dataclass
@@ -274,8 +277,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"data.caption_dropout must be in [0, 1), got {d.caption_dropout}")
     unknown = sorted(set(cfg.loss.weights) - set(LOSS_KIND_NAMES.values()))
     if unknown:
-        raise ConfigError(f"loss.weights: unknown loss kind {unknown}; the kinds are "
-                          f"{', '.join(LOSS_KIND_NAMES.values())}")
+        raise ConfigError(f"loss.weights: unknown loss kind {unknown}; the kinds are text, image, video, "
+                          f"visual_structure and image_map_1 .. image_map_{MAX_SCALE_MAPS}")
     weights = cfg.loss.kind_weights()
     if min(weights) < 0 or max(weights) == 0:
         raise ConfigError(f"loss.weights must be >= 0 with at least one kind > 0, got {cfg.loss.weights}")

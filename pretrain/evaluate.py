@@ -9,9 +9,9 @@ import dataclasses
 import torch
 
 from data_pipeline.loader import Source, TokenLoader
-from data_pipeline.vocab import LOSS_KIND_NAMES, Vocabulary
+from data_pipeline.vocab import Vocabulary
 from .config import TrainConfig
-from .metrics import losses_by_kind
+from .metrics import counts_by_kind, losses_by_kind
 from .step import PipelineLoss, run_step
 
 
@@ -35,7 +35,5 @@ def evaluate(engine, cfg: TrainConfig, sources: list[Source], vocab: Vocabulary,
     if len(sources) > 1:
         for source in sources:
             sums = held_out_sums(engine, cfg, [dataclasses.replace(source, weight=1.0)], vocab, layout, pipeline_loss)
-            by_source[source.name] = {"loss": losses_by_kind(sums),
-                                      "tokens": {name: int(sums[1, kind]) for kind, name in LOSS_KIND_NAMES.items()
-                                                 if sums[1, kind] > 0}}
+            by_source[source.name] = {"loss": losses_by_kind(sums), "tokens": counts_by_kind(sums)}
     return mixed, by_source

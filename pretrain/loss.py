@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 
+from data_pipeline.vocab import NUM_LOSS_KINDS
+
 
 def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
     """logsumexp over the full vocabulary when each TP rank holds a shard: (s, b, v) -> (s, b)."""
@@ -34,7 +36,7 @@ def position_weights(loss_kind: torch.Tensor, kind_weights: tuple[float, ...] | 
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_kind: torch.Tensor, z_loss: float,
-            normalizer: float | torch.Tensor | None = None, num_kinds: int = 5,
+            normalizer: float | torch.Tensor | None = None, num_kinds: int = NUM_LOSS_KINDS,
             kind_weights: tuple[float, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy (+ z-loss) summed over positions with loss_kind > 0, each weighted by its kind's weight
     (default 1), divided by `normalizer` (default: this batch's sum of those weights), and per-kind sums.

@@ -5,16 +5,25 @@ from __future__ import annotations
 
 import math
 
-from data_pipeline.vocab import LOSS_KIND_NAMES
+from data_pipeline.vocab import LOSS_KIND_MEMBERS, LOSS_KIND_NAMES
+
+
+def counts_by_kind(sums) -> dict:
+    """(2, kinds) [loss sum, count] -> {'text': tokens, ...} for kinds that occur ('image' over every map)."""
+    count = sums[1].tolist()
+    totals = {name: sum(count[k] for k in LOSS_KIND_MEMBERS[kind]) for kind, name in LOSS_KIND_NAMES.items()}
+    return {name: int(n) for name, n in totals.items() if n > 0}
 
 
 def losses_by_kind(sums) -> dict:
-    """(2, kinds) [loss sum, count] -> {'total': mean, 'text': mean, ...} for kinds that occur."""
+    """(2, kinds) [loss sum, count] -> {'total': mean, 'text': mean, ...} for kinds that occur; 'image' is the
+    mean over every image code, 'image_map_k' over those of next-scale map k."""
     loss_sum, count = sums[0].tolist(), sums[1].tolist()
     out = {"total": sum(loss_sum[1:]) / max(sum(count[1:]), 1)}
     for kind, name in LOSS_KIND_NAMES.items():
-        if count[kind] > 0:
-            out[name] = loss_sum[kind] / count[kind]
+        n = sum(count[k] for k in LOSS_KIND_MEMBERS[kind])
+        if n > 0:
+            out[name] = sum(loss_sum[k] for k in LOSS_KIND_MEMBERS[kind]) / n
     return out
 
 

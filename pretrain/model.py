@@ -136,18 +136,22 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.doc_ids = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+        self.horizon = torch.arange(max_len, device=device).repeat(batch, 1)
         self.start = self.length = 0
 
-    def extend(self, doc_ids: torch.Tensor, kernel: str):
-        """Append s tokens (doc_ids (b, s)); returns their mask over all cached keys (pretrain/attention.py).
+    def extend(self, doc_ids: torch.Tensor, kernel: str, horizon: torch.Tensor | None = None):
+        """Append s tokens (doc_ids (b, s); horizon (b, s): the last cache index each sees, for a block of
+        next-scale codes, default itself); returns their mask over all cached keys (pretrain/attention.py).
 
         The prefill takes `kernel`; later steps take a dense (b, 1, s, length) mask, linear in the length: the
         compiled flex kernel is specialised to its shapes and would recompile at every new length."""
         s = doc_ids.shape[1]
         self.start, self.length = self.length, self.length + s
         self.doc_ids[:, self.start:self.length] = doc_ids
+        if horizon is not None:
+            self.horizon[:, self.start:self.length] = horizon
         return document_mask(self.doc_ids[:, :self.length], kernel if self.start == 0 else "sdpa",
-                             first_query=self.start)
+                             first_query=self.start, horizon=self.horizon[:, :self.length])
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new tokens' k, v (b, g, s, hd) of `layer`; returns all of them (b, g, length, hd)."""
@@ -320,22 +324,23 @@ class Transformer(nn.Module):
         self.head = Head(cfg, tp, seed)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor,
-                cache: KVCache | None = None, horizon: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, horizon: torch.Tensor | None = None, last: int = 1) -> torch.Tensor:
         """tokens, positions, doc_ids (b, s) -> logits of the local vocabulary shard (s, b, v); horizon (b, s), if
-        given, is the last position each position sees (the loader's, for next-scale blocks).
+        given, is the last position each position sees (the loader's, for next-scale blocks; with a cache, cache
+        indices of the new tokens).
 
         Under context parallelism tokens and positions are this rank's part of each row (b, s/cp), the part at
         its rank in the group, and doc_ids and horizon the whole rows (b, s).
 
-        With a cache, the tokens continue the cached ones and attend to them too, and only the last
-        position's logits are computed (1, b, v): a long prompt's would not fit with a large vocabulary."""
+        With a cache, the tokens continue the cached ones and attend to them too, and only the `last` positions'
+        logits are computed (last, b, v): a long prompt's would not fit with a large vocabulary."""
         x = self.embed(tokens)
         if cache is None:
             first = 0 if self.context_group is None else dist.get_rank(self.context_group) * tokens.shape[1]
             cos, sin, mask = attention_inputs(positions, doc_ids, self.cfg, first, horizon)
         else:
             cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
-            mask = cache.extend(doc_ids, kernel_for(self.cfg.attention, doc_ids.device))
+            mask = cache.extend(doc_ids, kernel_for(self.cfg.attention, doc_ids.device), horizon)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, None if cache is None else (cache, i))
-        return self.head(x if cache is None else x[-1:])
+        return self.head(x if cache is None else x[-last:])

@@ -15,12 +15,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from data_pipeline.vocab import LOSS_KIND_NAMES
+from data_pipeline.vocab import NUM_LOSS_KINDS
 from .hooks import TrainHooks
 from .loss import lm_loss, position_weights
 from .resilience import phase
 
-NUM_KINDS = len(LOSS_KIND_NAMES) + 1
 
 
 class PipelineLoss:
@@ -113,9 +112,9 @@ def forward_backward(engine, micro: list[dict], z_loss: float, layout, pipeline_
             engine.eval_batch(data_iter=batches, num_micro_batches=len(micro))
         pipeline_loss.on_loss = None
         if pipeline_loss.sums is None:  # stages before the last have no loss
-            return torch.zeros(2, NUM_KINDS, device=layout.device)
+            return torch.zeros(2, NUM_LOSS_KINDS, device=layout.device)
         return pipeline_loss.sums
-    sums = torch.zeros(2, NUM_KINDS, device=layout.device)
+    sums = torch.zeros(2, NUM_LOSS_KINDS, device=layout.device)
     for mb in micro:
         with torch.set_grad_enabled(train):
             logits = engine(mb["tokens"], mb["positions"], mb["doc_ids"], horizon=horizon_of(mb))

@@ -25,7 +25,7 @@ from .evaluate import evaluate
 from .flops import flops_per_token, measure_peak_tflops, peak_memory_gib
 from .freeze import FreezeImported
 from .hooks import Hooks, TrainHooks
-from .metrics import bits_per_token, losses_by_kind, summarize
+from .metrics import bits_per_token, counts_by_kind, losses_by_kind, summarize
 from .parallel import destroy_distributed, init_distributed, parallelize
 from .resilience import WATCHDOG, Preemption, TrainingError, check_step, draw_batch, observe_loss, phase
 from .step import PipelineLoss, run_step
@@ -71,7 +71,9 @@ def train(cfg: TrainConfig, hooks: list[TrainHooks] = ()) -> dict:
                          micro_batch_size=d.micro_batch_size, dp_rank=layout.dp_rank, dp_size=layout.dp, seed=d.seed,
                          caption_dropout=d.caption_dropout)
     if cfg.loss.weights or d.caption_dropout:
-        say(f"loss weights {dict(zip(LOSS_KIND_NAMES.values(), cfg.loss.kind_weights()[1:]))}, "
+        weights = {name: w for name, w in zip(LOSS_KIND_NAMES.values(), cfg.loss.kind_weights()[1:])
+                   if not name.startswith("image_map_") or name in cfg.loss.weights}
+        say(f"loss weights {weights}, "
             f"caption dropout {d.caption_dropout}")
     state = resume(engine, loader, run_dir, cfg, fingerprint, say, hooks)
     tag = latest_tag(run_dir)
@@ -108,8 +110,9 @@ def train(cfg: TrainConfig, hooks: list[TrainHooks] = ()) -> dict:
         if applied and observe_loss(loss["total"], state, cfg.faults, say):
             state = roll_back(engine, loader, metrics, run_dir, state, cfg, say, hooks)
             continue
-        for kind, name in LOSS_KIND_NAMES.items():
-            state.consumed_tokens[name] += int(sums[1, kind])
+        counts = counts_by_kind(sums.cpu())
+        for name in ("text", "image", "video", "visual_structure"):  # "image" holds every next-scale map's codes
+            state.consumed_tokens[name] += counts.get(name, 0)
         state.consumed_tokens["total"] += int(sums[1, 1:].sum())
         tflops = step_flops / seconds / layout.world_size / 1e12  # per device
         record = {"loss": loss, "lr": engine.get_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),

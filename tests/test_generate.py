@@ -106,7 +106,7 @@ def test_guidance_scale_one_equals_no_guidance(generator):
 
 
 def test_top_k_and_top_p_filtering():
-    from analysis.generate import Sampling, filter_logits, next_tokens
+    from analysis.sampling import Sampling, filter_logits, next_tokens
 
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.0, 0.1, 5.0, 4.9]])
     kept = torch.isfinite(filter_logits(logits, Sampling(top_k=2)))

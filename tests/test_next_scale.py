@@ -9,7 +9,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 
 from data_pipeline.loader import pack_row
 from data_pipeline.next_scale import NextScaleLayout
-from data_pipeline.vocab import IGNORE, IMAGE, SCALE_MARKER, TEXT, VISUAL_STRUCTURE, Vocabulary
+from data_pipeline.vocab import IGNORE, IMAGE, IMAGE_MAP, SCALE_MARKER, TEXT, VISUAL_STRUCTURE, Vocabulary
 from pretrain.attention import dense_document_mask, document_block_mask, document_runs
 
 L = Vocabulary.for_text(100, 64, visual_kind="scale", scale_maps=(1, 2))
@@ -37,7 +37,7 @@ def test_the_training_form_and_its_mask_equal_references_built_by_hand():
     expected_inputs += [*b, b[-1]] + tokens[13:-1].tolist()
     assert row["tokens"].tolist() == expected_inputs
     loss = row["loss_kind"].tolist()
-    assert loss[6] == IMAGE and loss[8:12] == [IMAGE] * 4
+    assert loss[6] == IMAGE_MAP and loss[8:12] == [IMAGE_MAP + 1] * 4  # each map its own loss kind
     assert loss[12:17] == [IGNORE] * 5 and loss[17] == VISUAL_STRUCTURE  # the view block's targets carry no loss
     n = len(row["tokens"])
     reference = torch.tensor([[j <= (11 if 8 <= i <= 11 else i) for j in range(n)] for i in range(n)])
@@ -154,3 +154,69 @@ def test_next_scale_training_matches_one_process(layout, scale_reference, scale_
     measured = assert_same_run(records, ref["records"], tolerance(ref["floor"], ref["records"]))
     print(f"next-scale {layout}: drift {measured}; floor {ref['floor']}")
     assert records[-1]["loss"]["total"] < records[0]["loss"]["total"] - 0.5
+    # a loss per map, and the image loss their mean over all image codes
+    loss = records[-1]["loss"]
+    assert {"image", "image_map_1", "image_map_2", "image_map_3"} <= set(loss)
+    assert min(loss[f"image_map_{k}"] for k in (1, 2, 3)) <= loss["image"] <= max(loss[f"image_map_{k}"]
+                                                                                   for k in (1, 2, 3))
+
+
+def test_each_map_has_a_loss_kind_weighted_as_image_unless_named():
+    from pretrain.config import LossConfig
+    from pretrain.metrics import counts_by_kind, losses_by_kind
+    from data_pipeline.vocab import LOSS_KIND_NAMES, NUM_LOSS_KINDS
+
+    names = list(LOSS_KIND_NAMES.values())
+    weights = dict(zip(names, LossConfig(weights={"image": 0.5, "image_map_2": 2.0}).kind_weights()[1:]))
+    assert weights["image"] == weights["image_map_1"] == weights["image_map_3"] == 0.5 and weights["image_map_2"] == 2
+    sums = torch.zeros(2, NUM_LOSS_KINDS)
+    sums[:, IMAGE_MAP] = torch.tensor([2.0, 1.0])       # map 1: one code, loss 2
+    sums[:, IMAGE_MAP + 1] = torch.tensor([4.0, 4.0])   # map 2: four codes, loss 1 each
+    losses = losses_by_kind(sums)
+    assert losses["image_map_1"] == 2 and losses["image_map_2"] == 1 and losses["image"] == pytest.approx(6 / 5)
+    assert counts_by_kind(sums) == {"image": 5, "image_map_1": 1, "image_map_2": 4}
+
+
+def test_scale_wise_sampling_with_the_kv_cache_equals_without(groups):
+    """One forward per map, with guidance: the KV cache feeding only the new positions draws the same maps as full
+    recomputation; each map has its side."""
+    from analysis.generate import Sampling
+    from analysis.scale_sampling import sample_maps
+    from test_attention import build
+
+    layout = Vocabulary.for_text(100, 64, visual_kind="scale", scale_maps=(1, 2, 4))
+    model = build("sdpa").eval()
+    ids = torch.arange(model.cfg.padded_vocab_size)
+    visual = (ids >= layout.visual_offset) & (ids < layout.size)
+    image = [layout.special("<|image start|>"), 7, layout.special("<|image token|>")]
+    prompts = [[layout.bos, 5, 6, 9, *image], [layout.bos, 5, *image]]   # lengths differ: left padding
+    uncond = [[layout.bos, *image]] * 2
+    s = Sampling(temperature=1.0, cfg_scale=2.0, seed=3)
+    cached = sample_maps(model, layout, prompts, 4, visual, s, uncond)
+    full = sample_maps(model, layout, prompts, 4, visual, s, uncond, use_cache=False)
+    assert [[m.shape for m in maps] for maps in cached] == [[(1, 1), (2, 2), (4, 4)]] * 2
+    assert all(np.array_equal(a, b) for x, y in zip(cached, full) for a, b in zip(x, y))
+    assert all((m >= 0).all() and (m < 64).all() for maps in cached for m in maps)
+
+
+@pytest.mark.slow
+def test_a_next_scale_model_generates_images_and_is_scored(scale_tokens, tmp_path):
+    """Through the CLI: train on scale shards, `loom generate` draws maps scale by scale and decodes them to PNG,
+    `loom eval shapes` scores them; the held-out loss per map is logged."""
+    from PIL import Image
+
+    from conftest import REPO, run_loom
+
+    run = tmp_path / "run"
+    train = run_loom("train", REPO / "configs" / "tiny.yaml", f"out_dir={run}", "parallel.nproc_per_node=1",
+                     f"data.sources.shapes.path={scale_tokens}", f"eval.sources.shapes.path={scale_tokens}",
+                     "schedule.steps=20", "eval.interval=20", "checkpoint.interval=20", "samples.interval=0")
+    assert train.returncode == 0, train.stderr[-3000:]
+    gen = run_loom("generate", run, "--mode", "image", "--prompt", "A red circle.", "--n", "2", "--out", tmp_path / "g")
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    files = sorted((tmp_path / "g").glob("*.png"))
+    assert len(files) == 2 and Image.open(files[0]).size == (32, 32)
+    shapes = run_loom("eval", "shapes", run, "--n", "1", "--out", tmp_path / "shapes")
+    assert shapes.returncode == 0 and "overall accuracy" in shapes.stdout, shapes.stderr[-3000:]
+    video = run_loom("generate", run, "--mode", "video", "--prompt", "A red circle.", "--out", tmp_path / "v")
+    assert video.returncode != 0 and "video generation of a next-scale model" in video.stderr
