@@ -220,3 +220,23 @@ def test_a_next_scale_model_generates_images_and_is_scored(scale_tokens, tmp_pat
     assert shapes.returncode == 0 and "overall accuracy" in shapes.stdout, shapes.stderr[-3000:]
     video = run_loom("generate", run, "--mode", "video", "--prompt", "A red circle.", "--out", tmp_path / "v")
     assert video.returncode != 0 and "video generation of a next-scale model" in video.stderr
+
+    # an export runs in transformers given the block-causal mask as a 4-D attention mask (README, "Three ways")
+    from transformers import LlamaForCausalLM
+
+    from analysis.nll import load_model
+    from data_pipeline.loader import Source, TokenLoader
+
+    assert run_loom("convert", "to-hf", run, tmp_path / "hf", "--format", "llama").returncode == 0
+    model, _, _ = load_model(run)
+    src = Source.open("shapes", scale_tokens, 1.0)
+    mb = TokenLoader([src], src.vocabulary, seq_len=128, global_batch_size=1, micro_batch_size=1).next_step()[0]
+    assert (mb["horizon"] > torch.arange(128)).any()
+    allowed = dense_document_mask(mb["doc_ids"], horizon=mb["horizon"])
+    with torch.no_grad():
+        ours = model(mb["tokens"], mb["positions"], mb["doc_ids"], horizon=mb["horizon"])[:, 0]
+        hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        theirs = hf(input_ids=mb["tokens"], position_ids=mb["positions"], attention_mask=mask).logits[0]
+    v = min(ours.shape[-1], theirs.shape[-1])  # fp32, the same products in other orders: ~1e-6 at logits ~10
+    assert torch.allclose(ours[:, :v], theirs[:, :v], atol=1e-4, rtol=0)
