@@ -147,6 +147,9 @@ def export_hf(ckpt: str | Path, out: str | Path, fmt: str = "emu3", visual_token
     vocabulary = Vocabulary.from_dict(vocab["layout"])
     if vocabulary.size != m.vocab_size:
         raise CheckpointError(f"{data_dir}/vocab.json has {vocabulary.size} ids, the checkpoint {m.vocab_size}")
+    if fmt == "emu3" and vocabulary.visual_kind == "pixel":
+        raise CheckpointError(f"{ckpt}: a pixel-kind model's visual ids are palette colours, not an Emu3VQVAE's codes; "
+                              f"export its decoder with --format llama and decode its pixels with the palette")
     tokenizer = build_tokenizer(stored_text_tokenizer(data_dir), vocabulary)
     weights = trim_vocab(to_hf_state_dict(params, m), m.vocab_size)
     kw = text_config(m, vocabulary, cfg.data.seq_len)

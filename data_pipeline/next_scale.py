@@ -1,7 +1,7 @@
 """Next-scale prediction inside a document (VAR's training, Tian et al. 2024, in Loom's discrete sequence).
 
 The tokenize job stores a scale-kind frame as `M c_1 M c_2 ... M c_K <|eof|>` (M = <|scale|>, c_k map k's
-codes row-major; data_pipeline/vocab.py). For training, `next_scale_document` rewrites a document so that all
+codes row-major; data_pipeline/vocab.py). For training, `NextScaleLayout.rewrite` rewrites a document so that all
 codes of map k are predicted at once from the coarser maps only:
 
 - **Block k** is the n_k positions from map k's marker on. Shifted by one as for any token, their targets are
@@ -31,8 +31,8 @@ import numpy as np
 from .vocab import IGNORE, IMAGE, IMAGE_MAP, MAX_SCALE_MAPS, SCALE_MARKER, Vocabulary
 
 
-def map_sides(scale_maps: tuple[int, ...], side: int) -> list[int]:
-    """Sides of the maps of a frame whose finest map is side x side (VisualTokenizer.map_shapes on a square)."""
+def map_sides(scale_maps: tuple[int, ...] | list[int], side: int) -> list[int]:
+    """The side of each map along a frame side of `side` latent cells: `scale_maps` scaled so the last is `side`."""
     return [max(1, round(side * s / scale_maps[-1])) for s in scale_maps]
 
 
@@ -43,7 +43,7 @@ def upsample_nearest(codes: np.ndarray, side: int, to: int) -> np.ndarray:
 
 
 class NextScaleLayout:
-    """Rewrites the documents of a scale-kind vocabulary (`next_scale_document`)."""
+    """Rewrites the documents of a scale-kind vocabulary into their training form (`rewrite`)."""
 
     def __init__(self, vocabulary: Vocabulary):
         self.scale_maps = vocabulary.scale_maps

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from transformers import Emu3VQVAEConfig
 from transformers.models.emu3.modeling_emu3 import Emu3VQVAE
 
+from .next_scale import map_sides
 from .palette import PALETTE_FILE, PaletteTokenizer
 
 
@@ -159,8 +160,7 @@ class VisualTokenizer(torch.nn.Module):
 
     def map_shapes(self, h: int, w: int) -> list[tuple[int, int]]:
         """(h_k, w_k) of each token map of an h x w latent frame, coarse to fine; the last is (h, w)."""
-        last = self.scale_maps[-1]
-        return [(max(1, round(h * s / last)), max(1, round(w * s / last))) for s in self.scale_maps]
+        return list(zip(map_sides(self.scale_maps, h), map_sides(self.scale_maps, w)))
 
     def quantize_maps(self, z: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """Multi-scale residual quantization of latents (B, t, C, h, w) (VAR's `VectorQuantizer2`): codes per map

@@ -117,3 +117,8 @@ def test_a_model_trains_generates_and_is_scored_on_pixel_shards(world, tmp_path)
     assert shapes.returncode == 0, shapes.stderr[-3000:]
     accuracy = json.loads((tmp_path / "shapes" / "shapes_eval.json").read_text())["accuracy"]
     assert set(accuracy) >= {"counting", "position", "overall"} and 0 <= accuracy["overall"] <= 1
+
+    # the decoder exports as for any kind; an Emu3 export would need a VQ where the palette is
+    assert run_loom("convert", "to-hf", run, tmp_path / "hf", "--format", "llama").returncode == 0
+    emu3 = run_loom("convert", "to-hf", run, tmp_path / "emu3", "--format", "emu3")
+    assert emu3.returncode != 0 and "export its decoder with --format llama" in emu3.stderr
