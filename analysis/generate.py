@@ -133,11 +133,16 @@ class Generator:
         prompt = self.text.encode(text) if text else []
         return [self.vocabulary.bos] + prompt + self.encoder.visual_prefix(start, shape)
 
+    def guided_prompts(self, prompts: list[str], s: Sampling, start: str, shape: tuple[int, ...]):
+        """The visual prompts of `prompts`, and those of guidance's negative prompt (None without guidance)."""
+        cond = [self.visual_prompt(p, start, shape) for p in prompts]
+        uncond = [self.visual_prompt(s.negative_prompt, start, shape)] * len(prompts) if s.cfg_scale != 1.0 else None
+        return cond, uncond
+
     def _codes(self, prompts: list[str], s: Sampling, frames: int, h: int, w: int, start: str, end: str,
                shape: tuple[int, ...], use_cache: bool) -> np.ndarray:
         """Sampled code grids (n, frames, h, w)."""
-        cond = [self.visual_prompt(p, start, shape) for p in prompts]
-        uncond = [self.visual_prompt(s.negative_prompt, start, shape)] * len(prompts) if s.cfg_scale != 1.0 else None
+        cond, uncond = self.guided_prompts(prompts, s, start, shape)
         template = self.grid_template(frames, h, w, end)
         out = sample_tokens(self.model, cond, template, self.visual_mask, s, self.vocabulary.special("<|pad|>"),
                             uncond=uncond, use_cache=use_cache).cpu()
@@ -157,10 +162,7 @@ class Generator:
         h, w = grid or self.default_grid
         if h != w:
             raise ValueError(f"next-scale maps are square; got a {h}x{w} grid")
-        shape = (h, w)
-        cond = [self.visual_prompt(p, "<|image start|>", shape) for p in prompts]
-        uncond = ([self.visual_prompt(s.negative_prompt, "<|image start|>", shape)] * len(prompts)
-                  if s.cfg_scale != 1.0 else None)
+        cond, uncond = self.guided_prompts(prompts, s, "<|image start|>", (h, w))
         return sample_maps(self.model, self.vocabulary, cond, h, self.visual_mask, s, uncond, use_cache)
 
     def images(self, prompts: list[str], s: Sampling, grid: tuple[int, int] | None = None) -> list[np.ndarray]:
