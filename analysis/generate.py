@@ -24,7 +24,7 @@ from data_pipeline.media import decode_image, encode_mp4, encode_png
 from data_pipeline.text_tokenizer import AnyTextTokenizer, load_text_tokenizer, stored_text_tokenizer
 from data_pipeline.tokenize import DocumentEncoder
 from data_pipeline.visual_tokenizer import load_visual_tokenizer
-from data_pipeline.vocab import Vocabulary
+from data_pipeline.vocab import MAIN_PART, Vocabulary
 from pretrain.model import KVCache, Transformer
 from pretrain.parallel import tensor_parallel_of
 from .nll import load_model
@@ -86,15 +86,17 @@ class Generator:
     """A model with its tokenizers: prompts in, text / code grids / pixels out."""
 
     def __init__(self, model: Transformer, text: AnyTextTokenizer, vocabulary: Vocabulary, visual=None,
-                 image_size: int = 32):
+                 image_size: int = 32, part: str = MAIN_PART):
+        """`visual` decodes the vocabulary's part `part` (its only one unless it holds several visual tokenizers):
+        images and videos are sampled among that part's ids."""
         self.model, self.text, self.vocabulary, self.visual = model, text, vocabulary, visual
-        self.image_size = image_size
+        self.image_size, self.part = image_size, vocabulary.part(part)
         # the sequence format of images and videos
-        self.encoder = DocumentEncoder(text, visual, vocabulary, image_size, 0)
+        self.encoder = DocumentEncoder(text, visual, vocabulary, image_size, 0, part=self.part)
         self.run_config, self.checkpoint = None, {}  # the training config and checkpoint record, when loaded from one
         v = model.cfg.padded_vocab_size
         ids = torch.arange(v)
-        self.visual_mask = (ids >= vocabulary.visual_offset) & (ids < vocabulary.size)
+        self.visual_mask = self.part.holds(ids)
         self.text_mask = (ids < vocabulary.text_size) | (ids == vocabulary.eos)
 
     @classmethod
@@ -102,13 +104,14 @@ class Generator:
                         visual_tokenizer: str | Path | None = None, device: str = "cpu",
                         dtype: torch.dtype = torch.float32) -> "Generator":
         """The checkpoint's model (in `dtype`) and the tokenizers of its data (vocab.json of `data` or of
-        the run's first data source), the visual tokenizer (fp32) checked against the vocabulary fingerprint."""
+        the run's first data source), the visual tokenizer (fp32) checked against the vocabulary fingerprint. In a
+        vocabulary of several visual tokenizers, images are of the part that `data`'s media use."""
         model, cfg, shared = load_model(ckpt)
         data_dir, vocab = data_vocabulary(cfg, data)
         vocabulary = Vocabulary.from_dict(vocab["layout"])
         vq_dir = locate_visual_tokenizer(vocab, data_dir, vocabulary, shared, visual_tokenizer)
         gen = cls(model.to(device, dtype), load_text_tokenizer(stored_text_tokenizer(data_dir)), vocabulary,
-                  load_visual_tokenizer(vq_dir).to(device), vocab.get("image_size", 32))
+                  load_visual_tokenizer(vq_dir).to(device), vocab.get("image_size", 32), vocab.get("visual", MAIN_PART))
         gen.run_config, gen.checkpoint = cfg, shared
         return gen
 
@@ -117,7 +120,7 @@ class Generator:
         depend on the layout), the baseline a trained checkpoint is compared with."""
         cfg = self.run_config
         model = Transformer(self.model.cfg, tensor_parallel_of(cfg), cfg.seed).eval()
-        return Generator(model, self.text, self.vocabulary, self.visual, self.image_size)
+        return Generator(model, self.text, self.vocabulary, self.visual, self.image_size, self.part.name)
 
     @property
     def default_grid(self) -> tuple[int, int]:
@@ -147,7 +150,7 @@ class Generator:
         out = sample_tokens(self.model, cond, template, self.visual_mask, s, self.vocabulary.special("<|pad|>"),
                             uncond=uncond, use_cache=use_cache).cpu()
         slots = torch.tensor(template) == VISUAL
-        return (out[:, slots] - self.vocabulary.visual_offset).view(len(prompts), frames, h, w).numpy()
+        return (out[:, slots] - self.part.offset).view(len(prompts), frames, h, w).numpy()
 
     def image_codes(self, prompts: list[str], s: Sampling, grid: tuple[int, int] | None = None,
                     use_cache: bool = True) -> np.ndarray:
@@ -163,16 +166,16 @@ class Generator:
         if h != w:
             raise ValueError(f"next-scale maps are square; got a {h}x{w} grid")
         cond, uncond = self.guided_prompts(prompts, s, "<|image start|>", (h, w))
-        return sample_maps(self.model, self.vocabulary, cond, h, self.visual_mask, s, uncond, use_cache)
+        return sample_maps(self.model, self.vocabulary, self.part, cond, h, self.visual_mask, s, uncond, use_cache)
 
     def images(self, prompts: list[str], s: Sampling, grid: tuple[int, int] | None = None) -> list[np.ndarray]:
         """Text-to-image: (8h, 8w, 3) uint8 pixels per prompt."""
-        if self.vocabulary.visual_kind == "scale":
+        if self.part.kind == "scale":
             return [self.visual.decode_image(maps) for maps in self.image_maps(prompts, s, grid)]
         return [self.visual.decode_image(c) for c in self.image_codes(prompts, s, grid)]
 
     def refuse_scale_kind(self, what: str) -> None:
-        if self.vocabulary.visual_kind == "scale":
+        if self.part.kind == "scale":
             raise ValueError(f"{what} of a next-scale model (visual_kind 'scale') is not built yet; images are")
 
     def videos(self, prompts: list[str], s: Sampling, frames: int = 8,

@@ -13,21 +13,22 @@ import numpy as np
 import torch
 
 from data_pipeline.next_scale import map_sides, upsample_nearest
-from data_pipeline.vocab import SCALE_MARKER, Vocabulary
+from data_pipeline.vocab import SCALE_MARKER, VisualPart, Vocabulary
 from pretrain.model import KVCache, Transformer
 
 from .sampling import Sampling, guide, left_pad, next_tokens
 
 
 @torch.no_grad()
-def sample_maps(model: Transformer, vocabulary: Vocabulary, prompts: list[list[int]], side: int,
+def sample_maps(model: Transformer, vocabulary: Vocabulary, part: VisualPart, prompts: list[list[int]], side: int,
                 free_mask: torch.Tensor, s: Sampling, uncond: list[list[int]] | None = None,
                 use_cache: bool = True) -> list[list[np.ndarray]]:
-    """The maps (side_k x side_k codes, coarse to fine) of one image per prompt, whose finest map is side x side."""
+    """The maps (side_k x side_k codes, coarse to fine) of one image per prompt, whose finest map is side x side;
+    `part` is the vocabulary's scale-kind ids."""
     n, device = len(prompts), next(model.parameters()).device
     rows = prompts + (uncond or [])
     tokens, positions, doc_ids = left_pad(rows, vocabulary.special("<|pad|>"), device)
-    sides = map_sides(vocabulary.scale_maps, side)
+    sides = map_sides(part.scale_maps, side)
     generator = torch.Generator().manual_seed(s.seed)
     cache = None
     if use_cache:
@@ -42,8 +43,8 @@ def sample_maps(model: Transformer, vocabulary: Vocabulary, prompts: list[list[i
         if k == 0:
             new = np.full((n, sk * sk), marker)
         else:
-            up = np.stack([upsample_nearest(m, sides[k - 1], sk) for m in maps[-1]]) + vocabulary.visual_offset
-            new = np.concatenate([maps[-1][:, -1:] + vocabulary.visual_offset, up], 1)
+            up = np.stack([upsample_nearest(m, sides[k - 1], sk) for m in maps[-1]]) + part.offset
+            new = np.concatenate([maps[-1][:, -1:] + part.offset, up], 1)
         new = torch.as_tensor(np.concatenate([new, new]) if uncond else new, device=device)
         block = sk * sk                                                    # the last `block` new positions
         at = tokens.shape[1] if cache is None else cache.length            # index of the first new position
@@ -61,6 +62,6 @@ def sample_maps(model: Transformer, vocabulary: Vocabulary, prompts: list[list[i
         if uncond:
             scores = guide(scores, logits[:, n:].float(), s.cfg_scale)
         scores = scores.transpose(0, 1).reshape(n * block, -1).masked_fill(~free_mask, float("-inf"))
-        codes = next_tokens(scores, s, generator).view(n, block).cpu().numpy() - vocabulary.visual_offset
+        codes = next_tokens(scores, s, generator).view(n, block).cpu().numpy() - part.offset
         maps.append(codes)
     return [[m[i].reshape(sk, sk) for m, sk in zip(maps, sides)] for i in range(n)]

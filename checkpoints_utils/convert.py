@@ -60,14 +60,19 @@ def data_vocabulary(cfg: TrainConfig, data: str | Path | None) -> tuple[Path, di
 
 def locate_visual_tokenizer(vocab: dict, data_dir: Path, vocabulary: Vocabulary, shared: dict,
                             override: str | Path | None) -> Path:
-    """The VQ directory (`override`, else the one vocab.json records), checked against the fingerprint
-    the checkpoint was trained on (imported weights have none: nothing to check)."""
+    """The visual tokenizer of the data's part (`override`, else the one vocab.json records), checked against the
+    fingerprint the checkpoint was trained on (imported weights have none: nothing to check). The fingerprint of a
+    vocabulary of several visual tokenizers hashes them all: the other parts' are those vocab.json records."""
     vq_dir = Path(override or vocab.get("visual_tokenizer") or "")
     if not (vq_dir / "config.json").exists():
         raise CheckpointError(f"visual tokenizer not found at {vq_dir}; pass --visual-tokenizer DIR")
     trained_on = shared.get("fingerprint")
     text_model = stored_text_tokenizer(data_dir)
-    if trained_on and fingerprint(vocabulary, text_model, vq_dir) != trained_on:
+    hashed: Path | list[Path] = vq_dir
+    if vocabulary.visual_parts:
+        hashed = [Path(d) for d in vocab["visual_tokenizers"]]
+        hashed[[p.name for p in vocabulary.parts].index(vocab["visual"])] = vq_dir
+    if trained_on and fingerprint(vocabulary, text_model, hashed) != trained_on:
         raise CheckpointError(f"{vq_dir} with {text_model} is not what this model was trained "
                               f"with (vocabulary fingerprint {trained_on}: the vocabulary, the text encoding "
                               f"({TEXT_ENCODING}) and both tokenizers' files); pass --visual-tokenizer DIR, or "
@@ -150,6 +155,10 @@ def export_hf(ckpt: str | Path, out: str | Path, fmt: str = "emu3", visual_token
     if fmt == "emu3" and vocabulary.visual_kind == "pixel":
         raise CheckpointError(f"{ckpt}: a pixel-kind model's visual ids are palette colours, not an Emu3VQVAE's codes; "
                               f"export its decoder with --format llama and decode its pixels with the palette")
+    if fmt == "emu3" and vocabulary.visual_parts:
+        raise CheckpointError(f"{ckpt}: this vocabulary holds several visual tokenizers "
+                              f"({', '.join(p.name for p in vocabulary.parts)}) and an Emu3 export one Emu3VQVAE; "
+                              f"export its decoder with --format llama and decode each part with its tokenizer")
     tokenizer = build_tokenizer(stored_text_tokenizer(data_dir), vocabulary)
     weights = trim_vocab(to_hf_state_dict(params, m), m.vocab_size)
     kw = text_config(m, vocabulary, cfg.data.seq_len)

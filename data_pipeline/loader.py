@@ -114,7 +114,7 @@ class SourceReader:
     def __init__(self, source: Source, vocabulary: Vocabulary, seed: int, caption_dropout: float = 0.0):
         self.source, self.vocabulary, self.seed, self.caption_dropout = source, vocabulary, seed, caption_dropout
         self._media_starts = [vocabulary.special("<|image start|>"), vocabulary.special("<|video start|>")]
-        self.next_scale = NextScaleLayout(vocabulary) if vocabulary.visual_kind == "scale" else None
+        self.next_scale = NextScaleLayout(vocabulary) if "scale" in vocabulary.kinds else None
         self._open: OrderedDict[int, tuple[np.ndarray, object]] = OrderedDict()
         self._built: dict[int, np.ndarray] = {}  # indexes built here that could not be saved beside their shard
         self._warned_unindexed = False

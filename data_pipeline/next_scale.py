@@ -43,15 +43,16 @@ def upsample_nearest(codes: np.ndarray, side: int, to: int) -> np.ndarray:
 
 
 class NextScaleLayout:
-    """Rewrites the documents of a scale-kind vocabulary into their training form (`rewrite`)."""
+    """Rewrites the documents of a vocabulary with a scale-kind part into their training form (`rewrite`); the
+    frames of its other parts (a vocabulary of several kinds) stay as they are."""
 
     def __init__(self, vocabulary: Vocabulary):
-        self.scale_maps = vocabulary.scale_maps
+        self.part = next(p for p in vocabulary.parts if p.kind == "scale")
+        self.scale_maps = self.part.scale_maps
         if len(self.scale_maps) > MAX_SCALE_MAPS:
             raise ValueError(f"{len(self.scale_maps)} scale maps: at most {MAX_SCALE_MAPS} have a loss kind")
         self.marker = vocabulary.special(SCALE_MARKER)
         self.eof = vocabulary.special("<|eof|>")
-        self.visual_offset = vocabulary.visual_offset
 
     def _frame(self, tokens: np.ndarray, start: int) -> tuple[list[np.ndarray], int]:
         """The maps of the frame whose first marker is at `start`, and the position of its <|eof|>."""
@@ -61,7 +62,7 @@ class NextScaleLayout:
                 raise ValueError(f"position {i}: a scale-kind frame needs {len(self.scale_maps)} maps, each after "
                                  f"<|scale|>; found {len(maps)}")
             end = i + 1
-            while end < len(tokens) and tokens[end] >= self.visual_offset:
+            while end < len(tokens) and self.part.offset <= tokens[end] < self.part.end:
                 end += 1
             maps.append(tokens[i + 1:end])
             i = end

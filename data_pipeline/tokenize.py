@@ -26,7 +26,7 @@ from .sources import read_input
 from .text_tokenizer import TextTokenizer
 from .tokenize_config import TokenizeSource
 from .visual_tokenizer import VisualTokenizer
-from .vocab import SCALE_MARKER, Vocabulary
+from .vocab import SCALE_MARKER, VisualPart, Vocabulary
 
 
 class DocumentEncoder:
@@ -38,8 +38,10 @@ class DocumentEncoder:
     """
 
     def __init__(self, text: TextTokenizer, visual: VisualTokenizer, vocabulary: Vocabulary,
-                 geometry: Geometry | int, video_frames: int, batch_size: int = 32):
+                 geometry: Geometry | int, video_frames: int, batch_size: int = 32, part: VisualPart | None = None):
+        """`part`: the vocabulary's ids of `visual` (its only part unless the vocabulary holds several)."""
         self.text, self.visual, self.vocabulary = text, visual, vocabulary
+        self.part = part or (vocabulary.parts[0] if vocabulary else None)
         self.geometry, self.video_frames, self.batch_size = as_geometry(geometry), video_frames, batch_size
         self.encoder_seconds = 0.0
 
@@ -52,11 +54,11 @@ class DocumentEncoder:
     def grid_tokens(self, codes) -> list[int]:
         """codes (h, w) -> the frame of their visual ids; the scale kind's maps [(h_k, w_k)] -> each after
         <|scale|>, then <|eof|>."""
-        L = self.vocabulary
-        if L.visual_kind != "scale":
-            return self.frame_tokens(codes.astype(np.int64) + L.visual_offset)
+        L, offset = self.vocabulary, self.part.offset
+        if self.part.kind != "scale":
+            return self.frame_tokens(codes.astype(np.int64) + offset)
         marker = [L.special(SCALE_MARKER)]
-        return [t for m in codes for t in marker + (m.astype(np.int64).reshape(-1) + L.visual_offset).tolist()] + \
+        return [t for m in codes for t in marker + (m.astype(np.int64).reshape(-1) + offset).tolist()] + \
             [L.special("<|eof|>")]
 
     @staticmethod

@@ -65,6 +65,16 @@ class TokenizeSource:
     txt_document: str = doc("text (.txt): what one document is: 'file', 'paragraph' (blank-line separated) or "
                             "'line'.", "paragraph")
     filters: FilterConfig = doc("What this source skips.", factory=FilterConfig)
+    visual: str = doc("The visual tokenizer of this source's images and videos: 'main' (visual_tokenizer) or a "
+                      "name in more_visual_tokenizers.", "main")
+
+
+@dataclass
+class NamedVisualTokenizer:
+    name: str = doc("Its name: sources pick it with `visual: NAME`; its ids are the vocabulary part NAME.")
+    path: str = doc("Emu3VQVAE directory (token or scale kind), or a palette directory (`loom data palette`).")
+    image_size: int = doc("Side of its sources' images and frames in crop mode (a palette's grid is the image "
+                          "itself: 32 gives 1,024 tokens); 0: geometry.size.", 0)
 
 
 @dataclass
@@ -75,6 +85,9 @@ class TokenizeConfig:
                               "directory holding tokenizer.json (an existing LLM's: Llama 3, Qwen2, ...), whose ids "
                               "the vocabulary keeps and whose BOS/EOS it reuses.", "")
     visual_tokenizer: str = doc("Emu3VQVAE directory, or an Emu3ForConditionalGeneration directory.", "")
+    more_visual_tokenizers: list[NamedVisualTokenizer] = doc(
+        "Further visual tokenizers, for a vocabulary built to hold several visual kinds (e.g. VQ codes and palette "
+        "colours, data_pipeline/vocab.py): their ids follow visual_tokenizer's, in this order.", factory=list)
     sources: list[TokenizeSource] = doc("Inputs, one entry per source.", factory=list)
     geometry: Geometry = doc("Size of images and video frames (and default resolution limits).",
                              factory=Geometry)
@@ -101,11 +114,24 @@ def validate_tokenize(cfg: TokenizeConfig) -> None:
                           f"{cfg.text_tokenizer!r}")
     if not cfg.visual_tokenizer or not Path(cfg.visual_tokenizer).is_dir():
         raise ConfigError(f"visual_tokenizer: directory not found: {cfg.visual_tokenizer!r}")
+    visual = ["main"]
+    for i, extra in enumerate(cfg.more_visual_tokenizers):
+        where = f"more_visual_tokenizers[{i}]"
+        if not extra.name or extra.name in visual:
+            raise ConfigError(f"{where}.name={extra.name!r}: give each visual tokenizer a unique name other than main")
+        if not Path(extra.path).is_dir():
+            raise ConfigError(f"{where}.path: directory not found: {extra.path!r}")
+        if extra.image_size < 0:
+            raise ConfigError(f"{where}.image_size={extra.image_size}: give a side in pixels, or 0 for geometry.size")
+        visual.append(extra.name)
     names = [s.name for s in cfg.sources]
     for i, src in enumerate(cfg.sources):
         where = f"sources[{i}] ({src.name})"
         if not src.name or "/" in src.name or names.count(src.name) > 1:
             raise ConfigError(f"{where}.name: give each source a unique name without '/'")
+        if src.visual not in visual:
+            raise ConfigError(f"{where}.visual='{src.visual}': use one of {', '.join(visual)} (more_visual_tokenizers "
+                              f"names the others)")
         if src.format not in FORMATS:
             raise ConfigError(f"{where}.format='{src.format}': use one of {', '.join(FORMATS)}")
         if not src.paths:

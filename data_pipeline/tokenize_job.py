@@ -15,6 +15,7 @@ merged over sources.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
@@ -31,7 +32,7 @@ from .text_tokenizer import AnyTextTokenizer, load_text_tokenizer
 from .tokenize import DocumentEncoder, tokenize_shard
 from .tokenize_config import TokenizeConfig, TokenizeSource
 from .visual_tokenizer import load_visual_tokenizer
-from .vocab import Vocabulary, fingerprint
+from .vocab import MAIN_PART, Vocabulary, fingerprint
 
 POLL_SECONDS = 0.5
 
@@ -51,8 +52,8 @@ def wait_for(paths: list[Path], what: str, log, every: float = 30.0) -> None:
         time.sleep(POLL_SECONDS)
 
 
-def prepare_output(out: Path, vocabulary: Vocabulary, fp: str, cfg: TokenizeConfig, geometry: Geometry,
-                   rank: int, text: AnyTextTokenizer) -> None:
+def prepare_output(out: Path, vocabulary: Vocabulary, fp: str, visual: dict[str, Path], source: TokenizeSource,
+                   geometry: Geometry, rank: int, text: AnyTextTokenizer) -> None:
     """Refuse a directory of another vocabulary; rank 0 records the vocabulary and copies the text tokenizer."""
     vocab_file = out / "vocab.json"
     previous = read_json(vocab_file)["fingerprint"] if vocab_file.exists() else fp
@@ -61,11 +62,14 @@ def prepare_output(out: Path, vocabulary: Vocabulary, fp: str, cfg: TokenizeConf
                          f"use a new output directory")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        # where the tokenizers came from: `loom convert to-hf --format emu3` packs them with the model. The
-        # vocabulary keeps its file key "layout" (vocab.json and manifest.json), so existing token shards still read
-        write_json_atomic(vocab_file, {"layout": vocabulary.to_dict(), "fingerprint": fp, "image_size": geometry.size,
-                                       "geometry": vars(geometry),
-                                       "visual_tokenizer": str(Path(cfg.visual_tokenizer).resolve())})
+        # where the tokenizers came from: `loom convert to-hf --format emu3` packs them with the model, `loom
+        # generate` decodes with this source's. The vocabulary keeps its file key "layout" (vocab.json and
+        # manifest.json), so existing token shards still read
+        record = {"layout": vocabulary.to_dict(), "fingerprint": fp, "image_size": geometry.size,
+                  "geometry": vars(geometry), "visual_tokenizer": str(visual[source.visual].resolve())}
+        if len(visual) > 1:  # the source's part, and every part's tokenizer (the fingerprint hashes them all)
+            record |= {"visual": source.visual, "visual_tokenizers": [str(d.resolve()) for d in visual.values()]}
+        write_json_atomic(vocab_file, record)
         text.copy_to(out)
 
 
@@ -118,6 +122,16 @@ class JobFiles:
         return sum(read_json(p) for p in map(self._progress, range(self.world)) if p.exists())
 
 
+def source_geometry(cfg: TokenizeConfig, source: TokenizeSource, visual) -> Geometry:
+    """How the source's media are sized: the job's geometry with the source's limits, and the crop side of its
+    visual tokenizer when it is one of more_visual_tokenizers (sides then multiples of that tokenizer's factor)."""
+    geometry = source.filters.geometry(cfg.geometry)
+    extra = {v.name: v for v in cfg.more_visual_tokenizers}.get(source.visual)
+    if extra is None:
+        return geometry
+    return dataclasses.replace(geometry, size=extra.image_size or geometry.size, multiple=visual.spatial)
+
+
 def encoder_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -130,16 +144,18 @@ def run_tokenize(cfg: TokenizeConfig, rank: int = 0, world_size: int = 1, log=pr
     """This rank's share of the job; rank 0 then waits for the others and returns the merged manifest
     (other ranks return {}). `merged=False` skips OUT/manifest.json (a single source written in place)."""
     root = Path(cfg.out_dir)
-    text, visual = load_text_tokenizer(cfg.text_tokenizer), load_visual_tokenizer(cfg.visual_tokenizer)
-    visual.to(encoder_device(cfg.device))
-    vocabulary = Vocabulary.for_text(text.vocab_size, visual.codebook_size, text.bos_id, text.eos_id, visual.kind,
-                                     tuple(visual.scale_maps))
-    fp = fingerprint(vocabulary, cfg.text_tokenizer, cfg.visual_tokenizer)
+    text = load_text_tokenizer(cfg.text_tokenizer)
+    dirs = {MAIN_PART: Path(cfg.visual_tokenizer)} | {v.name: Path(v.path) for v in cfg.more_visual_tokenizers}
+    visual = {name: load_visual_tokenizer(d).to(encoder_device(cfg.device)) for name, d in dirs.items()}
+    vocabulary = Vocabulary.with_parts(text.vocab_size, [(name, v.kind, v.codebook_size, tuple(v.scale_maps))
+                                                         for name, v in visual.items()], text.bos_id, text.eos_id)
+    fp = fingerprint(vocabulary, cfg.text_tokenizer, list(dirs.values()) if len(dirs) > 1 else dirs[MAIN_PART])
+    geometry = {src.name: source_geometry(cfg, src, visual[src.visual]) for src in cfg.sources}
     inputs = {src.name: list_inputs(src) for src in cfg.sources}
     work = [(src, path) for src in cfg.sources for path in inputs[src.name]]
     mine = work[rank::world_size]
     for src in cfg.sources:
-        prepare_output(root / src.name, vocabulary, fp, cfg, cfg.geometry, rank, text)
+        prepare_output(root / src.name, vocabulary, fp, dirs, src, geometry[src.name], rank, text)
     wait_for([root / src.name / "vocab.json" for src in cfg.sources], "vocabulary files", log)
 
     drop: dict[tuple[str, Path], frozenset] = {}
@@ -157,8 +173,8 @@ def run_tokenize(cfg: TokenizeConfig, rank: int = 0, world_size: int = 1, log=pr
         for f, keys in duplicate_keys(files, list(own), partitions).items():
             drop[(src.name, own[f])] = keys
 
-    encoders = {src.name: DocumentEncoder(text, visual, vocabulary, src.filters.geometry(cfg.geometry),
-                                          cfg.video_frames)
+    encoders = {src.name: DocumentEncoder(text, visual[src.visual], vocabulary, geometry[src.name], cfg.video_frames,
+                                          part=vocabulary.part(src.visual))
                 for src in cfg.sources}
     job = JobFiles(root, work, world_size)
     start, documents, counts = time.time(), 0, {}

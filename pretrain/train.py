@@ -36,7 +36,7 @@ def open_sources(cfg: TrainConfig):
     sources = [Source.open(name, s.path, s.weight) for name, s in cfg.data.sources.items()]
     eval_sources = [Source.open(name, s.path, s.weight) for name, s in cfg.eval.sources.items()]
     fingerprint, layout = read_manifest_fingerprints(sources + eval_sources)
-    if layout.visual_kind == "scale" and cfg.samples.interval:
+    if "scale" in layout.kinds and cfg.samples.interval:
         raise ConfigError(f"samples.interval={cfg.samples.interval}: the data's images are next-scale maps "
                           f"(visual_kind 'scale'), and Loom does not sample those yet; set samples.interval=0")
     if cfg.model.vocab_size == 0:

@@ -194,8 +194,8 @@ def test_scale_wise_sampling_with_the_kv_cache_equals_without(groups):
     prompts = [[layout.bos, 5, 6, 9, *image], [layout.bos, 5, *image]]   # lengths differ: left padding
     uncond = [[layout.bos, *image]] * 2
     s = Sampling(temperature=1.0, cfg_scale=2.0, seed=3)
-    cached = sample_maps(model, layout, prompts, 4, visual, s, uncond)
-    full = sample_maps(model, layout, prompts, 4, visual, s, uncond, use_cache=False)
+    cached = sample_maps(model, layout, layout.parts[0], prompts, 4, visual, s, uncond)
+    full = sample_maps(model, layout, layout.parts[0], prompts, 4, visual, s, uncond, use_cache=False)
     assert [[m.shape for m in maps] for maps in cached] == [[(1, 1), (2, 2), (4, 4)]] * 2
     assert all(np.array_equal(a, b) for x, y in zip(cached, full) for a, b in zip(x, y))
     assert all((m >= 0).all() and (m < 64).all() for maps in cached for m in maps)
