@@ -156,7 +156,8 @@ def make_point(spec: SweepSpec, base: Path, vocab_size: int, kind: str, budget: 
     overrides = [*spec.overrides, *(mix.overrides if mix else []), *size_overrides(spec.size, depth)]
     cfg = build_config(base, overrides)
     cfg.model.resolve_preset()
-    cfg.model.vocab_size = vocab_size
+    # a mixture may train on another vocabulary (a sweep over visual kinds): the model's size follows its data
+    cfg.model.vocab_size = data_vocab_size(cfg, vocab_size) if mix else vocab_size
     per_token = flops_per_token(cfg.model, cfg.data.seq_len)
     tokens = budget if kind == "tokens" else budget / per_token
     batch_tokens = cfg.data.global_batch_size * cfg.data.seq_len
@@ -382,13 +383,16 @@ def collect(spec_path: str | Path, vocab_size: int | None = None) -> Path:
     return write_results(spec, points)
 
 
-def data_vocab_size(cfg: TrainConfig) -> int:
-    """The vocabulary size of the base config's data (the model size depends on it)."""
+def data_vocab_size(cfg: TrainConfig, default: int | None = None) -> int:
+    """The vocabulary size of the config's data (the model size depends on it); `default` where its sources have no
+    vocab.json (a plan without data)."""
     if cfg.model.vocab_size:
         return cfg.model.vocab_size
     for source in cfg.data.sources.values():
         vocab = Path(source.path) / "vocab.json"
         if vocab.exists():
             return Vocabulary.from_dict(json.loads(vocab.read_text())["layout"]).size
+    if default is not None:
+        return default
     raise ConfigError("the sweep's data sources have no vocab.json (set data.sources.NAME.path in `overrides`, "
                       "or model.vocab_size for a plan without data)")

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from common.config import ConfigError
+
 from .media import Geometry, as_geometry
 from .dedup import duplicate_keys, hash_file, partition_path, write_partition
 from .shards import read_json, write_json_atomic
@@ -129,7 +131,10 @@ def source_geometry(cfg: TokenizeConfig, source: TokenizeSource, visual) -> Geom
     extra = {v.name: v for v in cfg.more_visual_tokenizers}.get(source.visual)
     if extra is None:
         return geometry
-    return dataclasses.replace(geometry, size=extra.image_size or geometry.size, multiple=visual.spatial)
+    try:
+        return dataclasses.replace(geometry, size=extra.image_size or geometry.size, multiple=visual.spatial)
+    except ValueError as e:
+        raise ConfigError(f"more_visual_tokenizers ({extra.name}).image_size: {e}") from None
 
 
 def encoder_device(name: str) -> torch.device:

@@ -65,7 +65,7 @@ def test_one_model_size_is_refused_clearly(tmp_path):
     assert result.returncode != 0 and "needs at least 3 model sizes" in result.stderr
 
 
-@pytest.mark.parametrize("name", ["cpu", "cpu_predict", "cpu_glyphs", "gpu", "cpu_mixture"])
+@pytest.mark.parametrize("name", ["cpu", "cpu_predict", "cpu_glyphs", "gpu", "cpu_mixture", "cpu_kinds"])
 def test_sweep_recipes_plan_valid_runs(name):
     spec, base = load_spec(REPO / "configs" / "sweeps" / f"{name}.yaml")
     points, notes = plan(spec, base, vocab_size=65536 if name == "gpu" else 1040)

@@ -65,7 +65,10 @@ def test_next_scale_rewriting_leaves_the_other_parts_frames_as_they_are():
     # the scale image, ids moved into the single-kind vocabulary, rewrites exactly as it does there
     shift = np.where((tokens >= scale.offset) & (tokens < scale.end), alone.visual_offset - scale.offset, 0)
     ref = NextScaleLayout(alone).rewrite(tokens[head:] + shift[head:], kinds[head:])
-    back = lambda ids: np.where(ids >= alone.visual_offset, ids - alone.visual_offset + scale.offset, ids)  # noqa
+
+    def back(ids):
+        return np.where(ids >= alone.visual_offset, ids - alone.visual_offset + scale.offset, ids)
+
     assert np.array_equal(out[head:], back(ref[0])) and np.array_equal(inputs[head:], back(ref[2]))
     assert np.array_equal(out_kinds[head:], ref[1]) and np.array_equal(reach[head:], ref[3])
     assert (out_kinds == IMAGE_MAP + 1).sum() == 4
@@ -129,6 +132,34 @@ def test_a_source_naming_an_unknown_visual_tokenizer_is_refused(world, tmp_path)
     (tmp_path / "palette").mkdir()
     with pytest.raises(ConfigError, match=r"sources\[1\] \(pixels\).visual='colours': use one of main, palette"):
         load_tokenize_config(two_kinds_config(world, tmp_path, tmp_path / "palette", visual="colours"))
+
+
+def test_a_sweep_over_kinds_sizes_each_kinds_model_by_its_own_vocabulary(two_kinds, world, tmp_path):
+    """Each mixture of a sweep may train on another vocabulary (configs/sweeps/cpu_kinds.yaml: one per kind): its
+    points' parameter counts follow that mixture's data."""
+    from analysis.sweep import load_sweep
+
+    spec = tmp_path / "kinds.yaml"
+    spec.write_text(yaml.safe_dump({
+        "base": str(REPO / "configs" / "tiny.yaml"), "overrides": [f"data.sources.shapes.path={world / 'tokens'}"],
+        "mixtures": {"token": {"image_share": 1.0, "overrides": [f"data.sources.shapes.path={world / 'tokens'}"]},
+                     "both": {"image_share": 1.0,
+                              "overrides": [f"data.sources.shapes.path={two_kinds / 'train' / 'tokens' / 'codes'}"]}},
+        "size": {"depths": [1, 2, 3], "aspect": 32, "head_dim": 16}, "tokens": [1e5], "min_steps": 4}))
+    points = {(p.mixture, p.depth): p.params["total"] for p in load_sweep(spec)[4]}
+    dim = 32  # depth 1: two embedding tables of dim rows per id, and 64 more ids (the palette's part)
+    assert points[("both", 1)] - points[("token", 1)] == 2 * dim * 64
+
+
+def test_the_kinds_sweep_data_recipe_loads_for_both_of_its_kinds(tmp_path):
+    """configs/tokenize/kinds_world.yaml as its header runs it: the scale kind, then the pixel kind by overrides."""
+    recipe = REPO / "configs" / "tokenize" / "kinds_world.yaml"
+    (tmp_path / "t.model").write_bytes(b"")
+    base = [f"text_tokenizer={tmp_path / 't.model'}", f"visual_tokenizer={tmp_path}"]
+    scale = load_tokenize_config(recipe, base)
+    pixel = load_tokenize_config(recipe, base + ["geometry.size=32", "geometry.multiple=1"])
+    assert [s.name for s in scale.sources] == ["images", "heldout_images"] and scale.geometry.size == 64
+    assert pixel.geometry.size == 32 and "geometry.size=32 geometry.multiple=1" in recipe.read_text()
 
 
 @pytest.mark.slow
