@@ -15,6 +15,7 @@ from pathlib import Path
 from common.config import ConfigError, build, doc, load_tree
 
 from .media import Geometry
+from .vocab import MAIN_PART
 
 FORMATS = ("loom", "image_text", "video_text", "interleaved", "text")
 
@@ -66,7 +67,7 @@ class TokenizeSource:
                             "'line'.", "paragraph")
     filters: FilterConfig = doc("What this source skips.", factory=FilterConfig)
     visual: str = doc("The visual tokenizer of this source's images and videos: 'main' (visual_tokenizer) or a "
-                      "name in more_visual_tokenizers.", "main")
+                      "name in more_visual_tokenizers.", MAIN_PART)
 
 
 @dataclass
@@ -114,11 +115,12 @@ def validate_tokenize(cfg: TokenizeConfig) -> None:
                           f"{cfg.text_tokenizer!r}")
     if not cfg.visual_tokenizer or not Path(cfg.visual_tokenizer).is_dir():
         raise ConfigError(f"visual_tokenizer: directory not found: {cfg.visual_tokenizer!r}")
-    visual = ["main"]
+    visual = [MAIN_PART]
     for i, extra in enumerate(cfg.more_visual_tokenizers):
         where = f"more_visual_tokenizers[{i}]"
         if not extra.name or extra.name in visual:
-            raise ConfigError(f"{where}.name={extra.name!r}: give each visual tokenizer a unique name other than main")
+            raise ConfigError(f"{where}.name={extra.name!r}: give each visual tokenizer a unique name other than "
+                              f"{MAIN_PART}")
         if not Path(extra.path).is_dir():
             raise ConfigError(f"{where}.path: directory not found: {extra.path!r}")
         if extra.image_size < 0:
