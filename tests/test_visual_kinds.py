@@ -74,10 +74,10 @@ def test_next_scale_rewriting_leaves_the_other_parts_frames_as_they_are():
     assert (out_kinds == IMAGE_MAP + 1).sum() == 4
 
 
-def two_kinds_config(world, tmp_path, palette, raw="raw", **source_overrides):
+def two_kinds_config(world, tmp_path, palette, raw="raw", image_size=16, **source_overrides):
     cfg = {"out_dir": str(tmp_path / "tokens"), "text_tokenizer": str(world / "tok" / "text_tokenizer.model"),
            "visual_tokenizer": str(world / "tok" / "vq"), "geometry": {"size": 32}, "video_frames": 8,
-           "more_visual_tokenizers": [{"name": "palette", "path": str(palette), "image_size": 16}],
+           "more_visual_tokenizers": [{"name": "palette", "path": str(palette), "image_size": image_size}],
            "sources": [{"name": "codes", "format": "loom", "paths": [str(world / raw)]},
                        {"name": "pixels", "format": "loom", "paths": [str(world / raw)], "visual": "palette",
                         **source_overrides}]}
@@ -128,10 +128,16 @@ def test_one_tokenize_job_writes_two_kinds_into_one_vocabulary(two_kinds, world)
         read_manifest_fingerprints(sources + [Source.open("alone", world / "tokens", 1.0)])
 
 
-def test_a_source_naming_an_unknown_visual_tokenizer_is_refused(world, tmp_path):
+def test_a_source_naming_an_unknown_visual_tokenizer_or_size_is_refused(world, tmp_path):
     (tmp_path / "palette").mkdir()
     with pytest.raises(ConfigError, match=r"sources\[1\] \(pixels\).visual='colours': use one of main, palette"):
         load_tokenize_config(two_kinds_config(world, tmp_path, tmp_path / "palette", visual="colours"))
+    # a second VQ (downsampling 8) asked for 36-pixel images: refused before any shard is written
+    cfg = load_tokenize_config(two_kinds_config(world, tmp_path, world / "tok" / "vq", image_size=36))
+    with pytest.raises(ConfigError, match=r"more_visual_tokenizers \(palette\).image_size: geometry size 36 must be a "
+                                          r"multiple of 8"):
+        run_tokenize(cfg, log=lambda *a: None)
+    assert not list((tmp_path / "tokens").glob("*/tokens-*.tar"))
 
 
 def test_a_sweep_over_kinds_sizes_each_kinds_model_by_its_own_vocabulary(two_kinds, world, tmp_path):
