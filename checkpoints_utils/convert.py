@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from data_pipeline.text_tokenizer import stored_text_tokenizer
-from data_pipeline.vocab import TEXT_ENCODING, Vocabulary, fingerprint
+from data_pipeline.vocab import MAIN_PART, TEXT_ENCODING, Vocabulary, fingerprint
 from common.checkpoint_folders import CheckpointError
 from common.config import dump_yaml
 from pretrain.config import LLAMA3_ROPE_KEYS, ModelConfig, SourceConfig, TrainConfig
@@ -68,10 +68,8 @@ def locate_visual_tokenizer(vocab: dict, data_dir: Path, vocabulary: Vocabulary,
         raise CheckpointError(f"visual tokenizer not found at {vq_dir}; pass --visual-tokenizer DIR")
     trained_on = shared.get("fingerprint")
     text_model = stored_text_tokenizer(data_dir)
-    hashed: Path | list[Path] = vq_dir
-    if vocabulary.visual_parts:
-        hashed = [Path(d) for d in vocab["visual_tokenizers"]]
-        hashed[[p.name for p in vocabulary.parts].index(vocab["visual"])] = vq_dir
+    hashed = [Path(d) for d in vocab.get("visual_tokenizers", [vq_dir])]
+    hashed[[p.name for p in vocabulary.parts].index(vocab.get("visual", MAIN_PART))] = vq_dir
     if trained_on and fingerprint(vocabulary, text_model, hashed) != trained_on:
         raise CheckpointError(f"{vq_dir} with {text_model} is not what this model was trained "
                               f"with (vocabulary fingerprint {trained_on}: the vocabulary, the text encoding "

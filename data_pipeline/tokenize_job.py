@@ -154,7 +154,7 @@ def run_tokenize(cfg: TokenizeConfig, rank: int = 0, world_size: int = 1, log=pr
     visual = {name: load_visual_tokenizer(d).to(encoder_device(cfg.device)) for name, d in dirs.items()}
     vocabulary = Vocabulary.with_parts(text.vocab_size, [(name, v.kind, v.codebook_size, tuple(v.scale_maps))
                                                          for name, v in visual.items()], text.bos_id, text.eos_id)
-    fp = fingerprint(vocabulary, cfg.text_tokenizer, list(dirs.values()) if len(dirs) > 1 else dirs[MAIN_PART])
+    fp = fingerprint(vocabulary, cfg.text_tokenizer, list(dirs.values()))
     geometry = {src.name: source_geometry(cfg, src, visual[src.visual]) for src in cfg.sources}
     inputs = {src.name: list_inputs(src) for src in cfg.sources}
     work = [(src, path) for src in cfg.sources for path in inputs[src.name]]

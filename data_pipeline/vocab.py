@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -110,10 +110,10 @@ class Vocabulary:
         if len(parts) == 1:
             return cls.for_text(text_size, parts[0][2], text_bos, text_eos, kinds[0], parts[0][3])
         scale_maps = next((tuple(p[3]) for p in parts if p[1] == "scale"), ())
-        mixed = cls.for_text(text_size, sum(p[2] for p in parts), text_bos, text_eos,
-                             "scale" if scale_maps else "token")
-        return cls(mixed.text_size, mixed.codebook_size, mixed.special_tokens, text_bos, text_eos, "mixed",
-                   scale_maps, tuple((name, kind, size, tuple(maps)) for name, kind, size, maps in parts))
+        specials = cls.for_text(text_size, sum(p[2] for p in parts), text_bos, text_eos,
+                                "scale" if scale_maps else "token")  # <|scale|> in place of <|reserved 1|> if any
+        return replace(specials, visual_kind="mixed", scale_maps=scale_maps,
+                       visual_parts=tuple((name, kind, size, tuple(maps)) for name, kind, size, maps in parts))
 
     @property
     def parts(self) -> list[VisualPart]:
